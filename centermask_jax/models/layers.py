@@ -1,0 +1,160 @@
+"""Shared layers and the padding-exactness helpers.
+
+Layout: NHWC. Every image carries its *official padded size* (the batch tensor
+size detectron2 would have used, a multiple of 32). On a larger static canvas we
+reproduce the official numbers by
+  * zeroing features outside that region before every op with spatial support > 1
+    (convs with k > 1 see exactly the zero border detectron2's padding gives),
+  * pooling (eSE, GroupNorm statistics) over that region only,
+  * filling -inf outside it before max-pooling.
+`region_mask(padded_hw, (H, W), stride)` gives the [N, H, W, 1] float mask of a
+feature map at `stride`: valid rows are `ceil(Hp / stride)`, as conv/pool
+arithmetic on the official tensor gives.
+
+Naming: Flax module names mirror the PyTorch module paths of centermask2, with
+'/' written as ':' (e.g. 'stem.stem_1:conv'), so that
+`checkpoints.official` maps every leaf to its state-dict key mechanically.
+Leaf names: kernel -> weight, scale (GroupNorm) -> weight, bias -> bias,
+scalar (FCOS Scale) -> scale; FrozenBN buffers live in the 'frozen_bn'
+collection under their PyTorch names.
+"""
+from typing import Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+FROZEN_BN = "frozen_bn"
+
+
+def region_mask(padded_hw, hw: Tuple[int, int], stride: int):
+  """padded_hw [N, 2] int (official padded input size) -> [N, H, W, 1] float32 mask."""
+  padded_hw = jnp.asarray(padded_hw, jnp.int32)
+  valid = (padded_hw + stride - 1) // stride  # ceil(Hp / stride)
+  rows = jnp.arange(hw[0])[None, :] < valid[:, :1]
+  cols = jnp.arange(hw[1])[None, :] < valid[:, 1:2]
+  return (rows[:, :, None] & cols[:, None, :]).astype(jnp.float32)[..., None]
+
+
+def apply_mask(x, mask):
+  """Zeroes x outside the region (mask None = whole canvas valid)."""
+  return x if mask is None else jnp.where(mask > 0, x, jnp.zeros((), x.dtype))
+
+
+class Conv(nn.Module):
+  """Conv2d with PyTorch semantics (symmetric zero padding `pad`).
+
+  x [N, H, W, Cin] -> [N, H', W', features]. The input is masked first when
+  kernel_size > 1 so padding beyond the official region matches detectron2.
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  pad: Optional[int] = None
+  groups: int = 1
+  use_bias: bool = True
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+  bias_init: nn.initializers.Initializer = nn.initializers.zeros
+  dtype: Optional[jnp.dtype] = None
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    pad = (self.kernel_size - 1) // 2 if self.pad is None else self.pad
+    if self.kernel_size > 1:
+      x = apply_mask(x, mask)
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init,
+                        (k, k, x.shape[-1] // self.groups, self.features), jnp.float32)
+    dtype = self.dtype or x.dtype
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), (self.stride, self.stride),
+        [(pad, pad), (pad, pad)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=self.groups)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(dtype)
+    return y
+
+
+class FrozenBN(nn.Module):
+  """detectron2 FrozenBatchNorm2d: fixed per-channel affine from 4 buffers (eps 1e-5).
+
+  Buffers live in the non-trainable 'frozen_bn' collection; fresh init has
+  running_var = 1 - eps so the op is the identity.
+  """
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    w = self.variable(FROZEN_BN, "weight", lambda: jnp.ones((c,), jnp.float32)).value
+    b = self.variable(FROZEN_BN, "bias", lambda: jnp.zeros((c,), jnp.float32)).value
+    rm = self.variable(FROZEN_BN, "running_mean", lambda: jnp.zeros((c,), jnp.float32)).value
+    rv = self.variable(FROZEN_BN, "running_var",
+                       lambda: jnp.full((c,), 1.0 - self.eps, jnp.float32)).value
+    scale = w * jax.lax.rsqrt(rv + self.eps)
+    shift = b - rm * scale
+    return x * scale.astype(x.dtype) + shift.astype(x.dtype)
+
+
+class MaskedGroupNorm(nn.Module):
+  """GroupNorm (PyTorch semantics, biased variance) with statistics over the
+  official region only. x [N, H, W, C], mask [N, H, W, 1] or None."""
+  num_groups: int = 32
+  eps: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x, mask=None):
+    n, h, w, c = x.shape
+    g = self.num_groups
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32).reshape(n, h, w, g, c // g)
+    if mask is None:
+      m = jnp.ones((n, h, w, 1, 1), jnp.float32)
+    else:
+      m = mask.reshape(n, h, w, 1, 1).astype(jnp.float32)
+    count = jnp.sum(m, axis=(1, 2, 3, 4), keepdims=True) * (c // g)
+    mean = jnp.sum(xf * m, axis=(1, 2, 4), keepdims=True) / count
+    var = jnp.sum(jnp.square((xf - mean) * m), axis=(1, 2, 4), keepdims=True) / count
+    y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
+    return (y * scale + bias).astype(x.dtype)
+
+
+def max_pool_ceil(x, mask=None):
+  """MaxPool2d(3, stride 2, pad 0, ceil_mode=True) for even-sized maps.
+
+  x [N, H, W, C] (H, W even) -> [N, H/2, W/2, C]; -inf outside the region and in
+  the ceil-mode overhang, as PyTorch.
+  """
+  if mask is not None:
+    x = jnp.where(mask > 0, x, -jnp.inf)
+  pad_h = 1 if x.shape[1] % 2 == 0 else 0
+  pad_w = 1 if x.shape[2] % 2 == 0 else 0
+  return nn.max_pool(jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
+                             constant_values=-jnp.inf),
+                     (3, 3), strides=(2, 2), padding="VALID")
+
+
+def max_pool_same(x, mask=None):
+  """MaxPool2d(3, stride 2, pad 1) (ResNet stem): -inf padding and outside region."""
+  if mask is not None:
+    x = jnp.where(mask > 0, x, -jnp.inf)
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def masked_mean(x, mask=None):
+  """Spatial mean over the region: [N, H, W, C] -> [N, 1, 1, C]."""
+  if mask is None:
+    return jnp.mean(x, axis=(1, 2), keepdims=True)
+  m = mask.astype(x.dtype)
+  return jnp.sum(x * m, axis=(1, 2), keepdims=True) / jnp.sum(m, axis=(1, 2), keepdims=True)
+
+
+def upsample2x(x):
+  """Nearest-neighbour x2 (pixel duplication) [N, H, W, C] -> [N, 2H, 2W, C]."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def conv_out_hw(hw: Sequence[int], stride: int) -> Tuple[int, int]:
+  """Output size of a k3 p1 (or pooled, even-input) stride-s op: ceil(n / s)."""
+  return tuple(-(-int(n) // stride) for n in hw)

@@ -1,0 +1,34 @@
+"""Test setup: 4 host CPU devices (set before JAX is imported anywhere)."""
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+LITE_FIXTURE = FIXTURES / "centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x"
+TINY_COCO = SHARED / "data" / "tiny_coco"
+STATE_DICT_KEYS = FIXTURES / "state_dict_keys"
+
+
+def require(path: pathlib.Path):
+  """Skips the calling test when a ../shared resource is absent."""
+  if not path.exists():
+    pytest.skip(f"{path} not available")
+  return path
+
+
+@pytest.fixture(scope="session")
+def lite_fixture():
+  return require(LITE_FIXTURE)
+
+
+@pytest.fixture(scope="session")
+def tiny_coco():
+  return require(TINY_COCO)
