@@ -1,0 +1,138 @@
+"""VoVNetV2 backbone (OSA modules with eSE and identity mapping), spec §a.1.
+
+`VoVNet(variant)(x [N, H, W, 3], padded_hw [N, 2])` returns NHWC feature maps
+{"stem": s4, "stage2": s4, "stage3": s8, "stage4": s16, "stage5": s32}.
+Module names mirror centermask2's state-dict keys ('/' written as ':').
+"""
+import dataclasses
+from typing import Dict, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from centermask_jax.models import layers as L
+
+
+@dataclasses.dataclass(frozen=True)
+class VoVNetSpec:
+  stem: Tuple[int, int, int]
+  stage_ch: Tuple[int, int, int, int]
+  out_ch: Tuple[int, int, int, int]
+  layers_per_block: int
+  blocks: Tuple[int, int, int, int]
+  depthwise: bool
+
+
+VOVNET_SPECS: Dict[str, VoVNetSpec] = {
+    "V-19-slim-dw-eSE": VoVNetSpec((64, 64, 64), (64, 80, 96, 112), (112, 256, 384, 512), 3,
+                                   (1, 1, 1, 1), True),
+    "V-19-dw-eSE": VoVNetSpec((64, 64, 64), (128, 160, 192, 224), (256, 512, 768, 1024), 3,
+                              (1, 1, 1, 1), True),
+    "V-19-slim-eSE": VoVNetSpec((64, 64, 128), (64, 80, 96, 112), (112, 256, 384, 512), 3,
+                                (1, 1, 1, 1), False),
+    "V-19-eSE": VoVNetSpec((64, 64, 128), (128, 160, 192, 224), (256, 512, 768, 1024), 3,
+                           (1, 1, 1, 1), False),
+    "V-39-eSE": VoVNetSpec((64, 64, 128), (128, 160, 192, 224), (256, 512, 768, 1024), 5,
+                           (1, 1, 2, 2), False),
+    "V-57-eSE": VoVNetSpec((64, 64, 128), (128, 160, 192, 224), (256, 512, 768, 1024), 5,
+                           (1, 1, 4, 3), False),
+    "V-99-eSE": VoVNetSpec((64, 64, 128), (128, 160, 192, 224), (256, 512, 768, 1024), 5,
+                           (1, 3, 9, 3), False),
+}
+
+_he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def _hsigmoid(x):
+  return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+
+
+def conv_norm_relu(x, mask, prefix: str, features: int, kernel_size: int = 3, stride: int = 1):
+  """`{prefix}:conv` (no bias) -> `{prefix}:norm` FrozenBN -> ReLU.
+
+  Call inside a compact module: the layers are created in the caller's scope.
+  """
+  x = L.Conv(features, kernel_size, stride, use_bias=False, kernel_init=_he,
+             name=f"{prefix}:conv")(x, mask)
+  return nn.relu(L.FrozenBN(name=f"{prefix}:norm")(x))
+
+
+def dw_conv_norm_relu(x, mask, prefix: str, features: int, stride: int = 1):
+  """Depthwise 3x3 `:dw_conv3x3` -> pointwise `:pw_conv1x1` -> `:pw_norm` -> ReLU."""
+  c = x.shape[-1]
+  x = L.Conv(c, 3, stride, groups=c, use_bias=False, kernel_init=_he,
+             name=f"{prefix}:dw_conv3x3")(x, mask)
+  x = L.Conv(features, 1, use_bias=False, kernel_init=_he, name=f"{prefix}:pw_conv1x1")(x)
+  return nn.relu(L.FrozenBN(name=f"{prefix}:pw_norm")(x))
+
+
+class OSAModule(nn.Module):
+  """One-shot aggregation block with eSE (and identity when `identity`).
+
+  x [N, H, W, in_ch] -> [N, H, W, concat_ch]; mask [N, H, W, 1] official region.
+  `tag` is `OSA{n}_{b}`; the parent names the module `stage{n}.OSA{n}_{b}`.
+  """
+  stage_ch: int
+  concat_ch: int
+  num_layers: int
+  identity: bool
+  depthwise: bool
+  tag: str
+
+  @nn.compact
+  def __call__(self, x, mask):
+    tag = self.tag
+    block_input = x
+    outputs = [x]
+    if self.depthwise and x.shape[-1] != self.stage_ch:
+      x = conv_norm_relu(x, mask, f"conv_reduction.{tag}_reduction_0", self.stage_ch, 1)
+    for i in range(self.num_layers):
+      layer = dw_conv_norm_relu if self.depthwise else conv_norm_relu
+      x = layer(x, mask, f"layers.{i}.{tag}_{i}", self.stage_ch)
+      outputs.append(x)
+    y = conv_norm_relu(jnp.concatenate(outputs, -1), mask, f"concat.{tag}_concat",
+                       self.concat_ch, 1)
+    gate = L.masked_mean(y, mask)
+    gate = L.Conv(self.concat_ch, 1, use_bias=True, kernel_init=_he, name="ese.fc")(gate)
+    y = y * _hsigmoid(gate)
+    if self.identity:
+      y = y + block_input
+    return y
+
+
+class VoVNet(nn.Module):
+  """VoVNetV2 bottom-up network; name it 'bottom_up' inside the FPN."""
+  variant: str
+
+  @nn.compact
+  def __call__(self, x, padded_hw):
+    spec = VOVNET_SPECS[self.variant]
+    hw = x.shape[1:3]
+
+    def mask(stride, shape):
+      return L.region_mask(padded_hw, shape, stride)
+
+    x = conv_norm_relu(x, mask(1, hw), "stem.stem_1", spec.stem[0], 3, 2)
+    layer = dw_conv_norm_relu if spec.depthwise else conv_norm_relu
+    x = layer(x, mask(2, x.shape[1:3]), "stem.stem_2", spec.stem[1], stride=1)
+    x = layer(x, mask(2, x.shape[1:3]), "stem.stem_3", spec.stem[2], stride=2)
+    feats = {"stem": x}
+    stride = 4
+    for s in range(4):
+      n = s + 2
+      if n != 2:
+        x = L.max_pool_ceil(x, mask(stride, x.shape[1:3]))
+        stride *= 2
+      m = mask(stride, x.shape[1:3])
+      for b in range(spec.blocks[s]):
+        x = OSAModule(spec.stage_ch[s], spec.out_ch[s], spec.layers_per_block,
+                      identity=b > 0, depthwise=spec.depthwise, tag=f"OSA{n}_{b + 1}",
+                      name=f"stage{n}.OSA{n}_{b + 1}")(x, m)
+      feats[f"stage{n}"] = x
+    return feats
+
+
+def out_channels(variant: str) -> Dict[str, int]:
+  """Channels of stage3..stage5 for the FPN."""
+  spec = VOVNET_SPECS[variant]
+  return {f"stage{n}": c for n, c in zip(range(2, 6), spec.out_ch)}
