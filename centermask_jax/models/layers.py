@@ -108,7 +108,7 @@ class MaskedGroupNorm(nn.Module):
     g = self.num_groups
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    xf = x.astype(jnp.float32).reshape(n, h, w, g, c // g)
+    xf = apply_mask(x, mask).astype(jnp.float32).reshape(n, h, w, g, c // g)
     if mask is None:
       m = jnp.ones((n, h, w, 1, 1), jnp.float32)
     else:
@@ -130,16 +130,22 @@ def max_pool_ceil(x, mask=None):
     x = jnp.where(mask > 0, x, -jnp.inf)
   pad_h = 1 if x.shape[1] % 2 == 0 else 0
   pad_w = 1 if x.shape[2] % 2 == 0 else 0
-  return nn.max_pool(jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
-                             constant_values=-jnp.inf),
-                     (3, 3), strides=(2, 2), padding="VALID")
+  y = nn.max_pool(jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
+                          constant_values=-jnp.inf),
+                  (3, 3), strides=(2, 2), padding="VALID")
+  return _zero_neg_inf(y)
+
+
+def _zero_neg_inf(y):
+  """Windows entirely outside the region pooled to -inf: make them 0 (still outside)."""
+  return jnp.where(jnp.isneginf(y), jnp.zeros((), y.dtype), y)
 
 
 def max_pool_same(x, mask=None):
   """MaxPool2d(3, stride 2, pad 1) (ResNet stem): -inf padding and outside region."""
   if mask is not None:
     x = jnp.where(mask > 0, x, -jnp.inf)
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+  return _zero_neg_inf(nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
 
 
 def masked_mean(x, mask=None):
@@ -147,7 +153,8 @@ def masked_mean(x, mask=None):
   if mask is None:
     return jnp.mean(x, axis=(1, 2), keepdims=True)
   m = mask.astype(x.dtype)
-  return jnp.sum(x * m, axis=(1, 2), keepdims=True) / jnp.sum(m, axis=(1, 2), keepdims=True)
+  total = jnp.sum(jnp.where(mask > 0, x, jnp.zeros((), x.dtype)), axis=(1, 2), keepdims=True)
+  return total / jnp.sum(m, axis=(1, 2), keepdims=True)
 
 
 def upsample2x(x):

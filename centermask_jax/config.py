@@ -1,0 +1,133 @@
+"""Base configuration (ml_collections) shared by every file in configs/.
+
+Values are centermask2's (spec §f). Config files call `base_config()` then
+`lite(...)`/`full(...)` and set the backbone. Unknown keys fail loudly because
+ConfigDicts are locked after construction.
+"""
+import ml_collections
+
+PIXEL_MEAN_BGR = (103.530, 116.280, 123.675)
+FULL_TRAIN_SIZES = (640, 672, 704, 736, 768, 800)
+LITE_TRAIN_SIZES = (580, 600)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = ""
+  c.weights = ""  # optional checkpoint to initialise from (official .pth/.pkl or ours)
+
+  m = c.model = ml_collections.ConfigDict()
+  m.num_classes = 80
+  m.backbone = ml_collections.ConfigDict(dict(
+      name="vovnet",            # vovnet | resnet | mobilenetv2
+      variant="V-39-eSE",       # VoVNet variant (spec §a.1)
+      depth=50,                 # ResNet depth
+      num_groups=1,
+      width_per_group=64,
+      stride_in_1x1=True,
+      freeze_at=0,              # 0: all trainable (norms are FrozenBN anyway)
+  ))
+  m.fpn_channels = 256
+  m.fcos = ml_collections.ConfigDict(dict(
+      num_convs=4,
+      strides=(8, 16, 32, 64, 128),
+      sizes_of_interest=(64, 128, 256, 512),
+      center_sample_radius=1.5,
+      prior_prob=0.01,
+      focal_alpha=0.25,
+      focal_gamma=2.0,
+      inference_th=0.05,
+      pre_nms_topk=1000,
+      nms_th=0.6,
+      post_nms_topk_train=100,
+      post_nms_topk_test=50,
+  ))
+  m.mask_head = ml_collections.ConfigDict(dict(
+      num_convs=4, conv_dim=256, pooler_resolution=14, sampling_ratio=0,
+      level_k_min=3, level_k_max=5, mask_threshold=0.5))
+  m.maskiou_head = ml_collections.ConfigDict(dict(num_convs=4, conv_dim=256, loss_weight=1.0))
+  m.roi = ml_collections.ConfigDict(dict(iou_threshold=0.5, max_fg_per_image=128))
+
+  i = c.input = ml_collections.ConfigDict()
+  i.format = "BGR"
+  i.pixel_mean = PIXEL_MEAN_BGR
+  i.pixel_std = (1.0, 1.0, 1.0)
+  i.min_size_train = FULL_TRAIN_SIZES
+  i.max_size_train = 1333
+  i.min_size_test = 800
+  i.max_size_test = 1333
+  i.random_flip = True
+  i.size_divisibility = 32
+
+  d = c.data = ml_collections.ConfigDict()
+  d.name = "coco2017"
+  d.data_dir = "~/tensorflow_datasets"
+  d.max_instances = 100
+  d.max_polygon_parts = 16
+  d.max_polygon_vertices = 256
+  d.shuffle_buffer = 1000
+
+  o = c.optim = ml_collections.ConfigDict()
+  o.ims_per_batch = 16         # reference global batch of the schedule
+  o.base_lr = 0.01             # at ims_per_batch; linearly rescaled for other global batches
+  o.momentum = 0.9
+  o.weight_decay = 1e-4
+  o.weight_decay_norm = 0.0
+  o.warmup_iters = 1000
+  o.warmup_factor = 0.001
+  o.gamma = 0.1
+  o.steps = (210000, 250000)
+  o.max_iter = 270000
+
+  t = c.train = ml_collections.ConfigDict()
+  t.global_batch = 16
+  t.seed = 0
+  t.log_every = 20
+  t.checkpoint_every = 5000
+  t.keep_checkpoints = 3
+  t.eval_every = 0              # 0: evaluate only at the end
+  t.bf16 = False
+  return c
+
+
+def lite(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """CenterMask-Lite settings: 128-ch FPN, 2-conv heads, 600/1000 sizes, 4x schedule."""
+  c.model.fpn_channels = 128
+  c.model.fcos.num_convs = 2
+  c.model.mask_head.num_convs = 2
+  c.model.mask_head.conv_dim = 128
+  c.model.maskiou_head.num_convs = 2
+  c.model.maskiou_head.conv_dim = 128
+  c.input.min_size_train = LITE_TRAIN_SIZES
+  c.input.max_size_train = 1000
+  c.input.min_size_test = 600
+  c.input.max_size_test = 1000
+  c.optim.steps = (300000, 340000)
+  c.optim.max_iter = 360000
+  return c
+
+
+def vovnet(c, variant):
+  c.model.backbone.name = "vovnet"
+  c.model.backbone.variant = variant
+  c.model.backbone.freeze_at = 0
+  return c
+
+
+def resnet(c, depth, num_groups=1, width_per_group=64, stride_in_1x1=True):
+  b = c.model.backbone
+  b.name = "resnet"
+  b.variant = f"R-{depth}" if num_groups == 1 else f"X-{depth}-{num_groups}x{width_per_group}d"
+  b.depth = depth
+  b.num_groups = num_groups
+  b.width_per_group = width_per_group
+  b.stride_in_1x1 = stride_in_1x1
+  b.freeze_at = 2
+  return c
+
+
+def mobilenetv2(c):
+  c.model.backbone.name = "mobilenetv2"
+  c.model.backbone.variant = "MobileNetV2"
+  c.model.backbone.freeze_at = 0
+  return c
