@@ -131,3 +131,32 @@ def mobilenetv2(c):
   c.model.backbone.variant = "MobileNetV2"
   c.model.backbone.freeze_at = 0
   return c
+
+
+def load_config(path: str, overrides=None) -> ml_collections.ConfigDict:
+  """Loads `configs/NAME.py` (its get_config()) and applies {"a.b": value} overrides.
+
+  Unknown override keys raise KeyError naming the key.
+  """
+  import importlib.util
+  import os
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"config file not found: {path}")
+  spec = importlib.util.spec_from_file_location(
+      "centermask_config_" + os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ValueError(f"{path} has no get_config()")
+  cfg = module.get_config()
+  for key, value in (overrides or {}).items():
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      if p not in node:
+        raise KeyError(f"unknown config key {key!r}")
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(f"unknown config key {key!r}")
+    setattr(node, leaf, value)
+  return cfg

@@ -7,7 +7,6 @@ Flax name 'backbone' so parameter paths match `backbone.fpn_lateral3` etc.
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from centermask_jax.models import layers as L
 
@@ -44,16 +43,13 @@ class FPN(nn.Module):
     return {k: outs[k] for k in ("p3", "p4", "p5", "p6", "p7")}, bottom
 
 
-def canvas_multiple() -> int:
-  """Canvas sizes must be multiples of this so every level up to P7 is exact."""
-  return 128
+# Inputs must be multiples of 32 (as detectron2 pads) so P3..P5 are exact halvings;
+# our pipelines use multiples of 128 so that P6/P7 canvases are exact too.
+SIZE_DIVISIBILITY = 32
 
 
 def check_canvas(shape: Sequence[int]):
   h, w = shape
-  m = canvas_multiple()
-  if h % m or w % m:
-    raise ValueError(f"canvas {h}x{w} must be a multiple of {m} (pad the batch)")
-
-
-del jnp
+  if h % SIZE_DIVISIBILITY or w % SIZE_DIVISIBILITY:
+    raise ValueError(f"input canvas {h}x{w} must be a multiple of {SIZE_DIVISIBILITY} "
+                     "(pad the batch)")
