@@ -1,0 +1,319 @@
+"""tf.data train / eval pipelines producing the numpy batch contract (see data/README.md).
+
+Global batching (same on every process, so every process has the same canvas at every step):
+  records (seeded file + buffer shuffle, repeated for train)
+  -> (serialized, group) with group 0 = landscape (w > h), 1 = portrait
+  -> group_by_window: global batches of P*D*B records of one group (eval: per group, the
+     last batch is filled with copies marked is_real=False)
+  -> skip(start_step)                                  (train resume; records are not decoded)
+  -> this process's slice [p*D*B, (p+1)*D*B)           (disjoint shards)
+  -> decode (PIL), resize (PIL bilinear), flip, GT padding, normalise, pad to canvas
+  -> [D, B, ...] numpy batches, prefetched.
+Randomness (train size choice and flip) is a stateless function of (seed, global example
+index), so batches are a pure function of (seed, step) and resume is exact.
+"""
+import dataclasses
+import json
+import logging
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from centermask_jax.data import coco_builder
+from centermask_jax.data import prepare
+from centermask_jax.data import transforms
+
+_COUNT_NAMES = ("instances_over_max", "polygon_parts_over_max", "polygons_resampled",
+                "instances_without_polygon")
+
+
+@dataclasses.dataclass
+class DatasetInfo:
+  name: str
+  path: str                       # tfds dataset directory
+  num_classes: int
+  class_names: List[str]
+  label_to_category_id: List[int]  # contiguous label -> original COCO category id
+  num_images: Dict[str, int]       # stored images per split (eval covers all of them)
+  num_train_images: int           # train images with >= 1 usable non-crowd instance
+  gt_json: Dict[str, str]         # split -> COCO GT JSON of exactly the stored images
+  build_stats: Dict[str, dict]
+
+
+def dataset_info(data_dir: str, name: str) -> DatasetInfo:
+  """Metadata of a prepared dataset (no record is read)."""
+  path = prepare.dataset_dir(data_dir, name)
+  meta_path = os.path.join(path, prepare.META_FILE)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(
+        f"no prepared dataset {name!r} in {data_dir} (missing {meta_path}); build it with "
+        f"`python -m centermask_jax.data.prepare --name {name} ... --data-dir {data_dir}`")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  cats = meta["categories"]
+  splits = meta["splits"]
+  return DatasetInfo(
+      name=name, path=path, num_classes=len(cats), class_names=[n for _, n in cats],
+      label_to_category_id=[int(c) for c, _ in cats],
+      num_images={s: v["images"] for s, v in splits.items()},
+      num_train_images=splits.get("train", {}).get("train_usable_images", 0),
+      gt_json={s: os.path.join(path, f) for s, f in meta["gt_json"].items()},
+      build_stats=splits)
+
+
+def _features(path):
+  import tensorflow_datasets as tfds
+  return tfds.builder_from_directory(path).info.features
+
+
+def _record_files(path, split):
+  files = sorted(tf.io.gfile.glob(os.path.join(path, f"{coco_builder.BUILDER_NAME}-{split}.tfrecord-*")))
+  if not files:
+    raise FileNotFoundError(f"no {split} records in {path}")
+  return files
+
+
+def _get(cfg, key, default):
+  try:
+    v = cfg.get(key, default)
+  except AttributeError:
+    v = getattr(cfg, key, default)
+  return default if v is None else v
+
+
+def _input_params(config, train: bool) -> dict:
+  inp, data = config.input, config.data
+  sizes = _get(inp, "min_size_train", (800,)) if train else _get(inp, "min_size_test", 800)
+  sizes = tuple(int(s) for s in (sizes if isinstance(sizes, (tuple, list)) else (sizes,)))
+  max_size = int(_get(inp, "max_size_train" if train else "max_size_test", 1333))
+  canvas = _get(inp, "canvas_train" if train else "canvas_test", None)  # ((Hl, Wl), (Hp, Wp))
+  land = transforms.canvas_hw(max(sizes), max_size, True, override=canvas and canvas[0])
+  port = transforms.canvas_hw(max(sizes), max_size, False, override=canvas and canvas[1])
+  div = int(_get(inp, "size_divisibility", 32))
+  fmt = str(_get(inp, "format", "BGR"))
+  for c in (land, port):
+    if c[0] % div or c[1] % div:
+      raise ValueError(f"canvas {c} is not a multiple of {div}")
+  return dict(
+      sizes=sizes, max_size=max_size, canvases=(land, port), divisibility=div, format=fmt,
+      mean=np.asarray(_get(inp, "pixel_mean", (103.530, 116.280, 123.675)), np.float32),
+      std=np.asarray(_get(inp, "pixel_std", (1.0, 1.0, 1.0)), np.float32),
+      flip=bool(_get(inp, "random_flip", True)) and train,
+      m=int(_get(data, "max_instances", 100)), p=int(_get(data, "max_polygon_parts", 16)),
+      v=int(_get(data, "max_polygon_vertices", 256)))
+
+
+def _host_example(data, h0, w0, bbox, label, is_crowd, num_parts, poly_len, poly_xy, short,
+                  flip, prm):
+  """numpy_function body: one stored example -> resized image + contract GT arrays."""
+  img, orig_hw, hw = transforms.resized_image_and_hw(
+      bytes(data), int(short), prm["max_size"], prm["format"])
+  canvas = prm["canvases"][0 if hw[1] > hw[0] else 1]
+  if hw[0] > canvas[0] or hw[1] > canvas[1]:
+    raise ValueError(f"resized image {hw} does not fit canvas {canvas}")
+  if flip:
+    img = np.ascontiguousarray(img[:, ::-1])
+  gt, counts = transforms.instance_targets(
+      in_hw=(int(h0), int(w0)), out_hw=hw, flip=bool(flip), bbox=bbox, label=label,
+      is_crowd=is_crowd, num_parts=num_parts, poly_len=poly_len, poly_xy=poly_xy,
+      max_instances=prm["m"], max_parts=prm["p"], max_vertices=prm["v"])
+  return (img, np.asarray(hw, np.int32), np.asarray(orig_hw, np.int32), gt["gt_boxes"],
+          gt["gt_classes"], gt["gt_valid"], gt["gt_polys"], gt["gt_poly_len"], counts)
+
+
+def _example_fn(features, prm, train, seed):
+  """(serialized, is_real, global index) -> contract example dict (+ '_counts')."""
+  mean = tf.constant(prm["mean"])
+  std = tf.constant(prm["std"])
+  sizes = tf.constant(prm["sizes"], tf.int32)
+  m, p, v = prm["m"], prm["p"], prm["v"]
+
+  def fn(serialized, is_real, index):
+    ex = features.deserialize_example(serialized)
+    if train:
+      u = tf.random.stateless_uniform([2], seed=tf.stack([tf.cast(seed, tf.int64), index]))
+      short = tf.gather(sizes, tf.minimum(tf.cast(u[0] * len(prm["sizes"]), tf.int32),
+                                          len(prm["sizes"]) - 1))
+      flip = tf.logical_and(u[1] < 0.5, prm["flip"])
+    else:
+      short, flip = sizes[0], tf.constant(False)
+    obj = ex["objects"]
+    outs = tf.numpy_function(
+        lambda *a: _host_example(*a, prm=prm),
+        [ex["image"], ex["height"], ex["width"], obj["bbox"], obj["label"], obj["is_crowd"],
+         obj["num_parts"], ex["poly_len"], ex["poly_xy"], short, flip],
+        [tf.uint8, tf.int32, tf.int32, tf.float32, tf.int32, tf.bool, tf.float32, tf.int32,
+         tf.int32], stateful=False)
+    img, hw, orig_hw, boxes, classes, valid, polys, plen, counts = outs
+    img.set_shape([None, None, 3])
+    hw.set_shape([2])
+    orig_hw.set_shape([2])
+    landscape = hw[1] > hw[0]
+    (hl, wl), (hp, wp) = prm["canvases"]
+    ch = tf.where(landscape, hl, hp)
+    cw = tf.where(landscape, wl, wp)
+    x = (tf.cast(img, tf.float32) - mean) / std
+    x = tf.pad(x, [[0, ch - hw[0]], [0, cw - hw[1]], [0, 0]])
+    div = prm["divisibility"]
+    valid = tf.logical_and(tf.reshape(valid, [m]), is_real)
+    return dict(
+        image=x, image_hw=hw, padded_hw=(hw + div - 1) // div * div, orig_hw=orig_hw,
+        image_id=tf.where(is_real, tf.cast(ex["image_id"], tf.int32), -1), is_real=is_real,
+        gt_boxes=tf.reshape(boxes, [m, 4]), gt_classes=tf.reshape(classes, [m]),
+        gt_valid=valid, gt_polys=tf.reshape(polys, [m, p, v, 2]),
+        gt_poly_len=tf.reshape(plen, [m, p]),
+        _counts=tf.where(is_real, tf.reshape(counts, [4]), 0))
+  return fn
+
+
+def _group_and_usable(features):
+  """serialized -> (serialized, group id, usable for training)."""
+  def fn(serialized):
+    ex = features.deserialize_example(serialized)
+    group = tf.where(ex["width"] > ex["height"], 0, 1)  # detectron2: w > h -> group 0
+    obj = ex["objects"]
+    usable = tf.reduce_any(tf.logical_and(tf.logical_not(obj["is_crowd"]), obj["num_parts"] > 0))
+    return serialized, tf.cast(group, tf.int64), usable
+  return fn
+
+
+def _options():
+  opt = tf.data.Options()
+  opt.deterministic = True
+  opt.threading.private_threadpool_size = max(2, os.cpu_count() or 2)
+  return opt
+
+
+def _finish(ds, features, prm, train, seed, d, b, process_index, process_count, step0=0):
+  """Global batches of (serialized [PDB], is_real [PDB]) -> local contract batches."""
+  db = d * b
+  ds = ds.enumerate()
+
+  def local(step, batch):
+    ser, real = batch
+    lo = process_index * db
+    idx = (step + step0) * (db * process_count) + lo + tf.range(db, dtype=tf.int64)
+    return ser[lo:lo + db], real[lo:lo + db], idx
+  ds = ds.map(local).unbatch()
+  ds = ds.map(_example_fn(features, prm, train, seed), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.batch(db, drop_remainder=True)
+  ds = ds.map(lambda x: {k: tf.reshape(t, tf.concat([[d, b], tf.shape(t)[1:]], 0))
+                         for k, t in x.items()})
+  return ds.prefetch(2).with_options(_options())
+
+
+def build_train_dataset(config, data_dir, name, seed, num_local_devices, per_device_batch,
+                        process_index=0, process_count=1, start_step=0):
+  """tf.data.Dataset of train batches (dicts of [D, B, ...] tensors, plus '_counts')."""
+  path = prepare.dataset_dir(data_dir, name)
+  features = _features(path)
+  prm = _input_params(config, train=True)
+  pdb = num_local_devices * per_device_batch * process_count
+  files = _record_files(path, "train")
+  buf = int(_get(config.data, "shuffle_buffer", 1000))
+  ds = tf.data.Dataset.from_tensor_slices(files)
+  ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1)
+  # Shuffle within each epoch, then repeat (detectron2's sampler: a permutation per epoch).
+  ds = ds.shuffle(buf, seed=seed + 1, reshuffle_each_iteration=True).repeat()
+  ds = ds.map(_group_and_usable(features))
+  ds = ds.filter(lambda s, g, u: u)
+  ds = ds.group_by_window(
+      key_func=lambda s, g, u: g,
+      reduce_func=lambda k, w: w.batch(pdb, drop_remainder=True),
+      window_size=pdb)
+  ds = ds.map(lambda s, g, u: (s, tf.ones_like(u)))
+  if start_step:
+    ds = ds.skip(start_step)
+  ds = _finish(ds, features, prm, True, seed, num_local_devices, per_device_batch,
+               process_index, process_count, step0=start_step)
+  return ds, start_step
+
+
+def build_eval_dataset(config, data_dir, name, num_local_devices, per_device_batch,
+                       process_index=0, process_count=1, split="val"):
+  """tf.data.Dataset of eval batches covering every stored image of `split` exactly once."""
+  path = prepare.dataset_dir(data_dir, name)
+  features = _features(path)
+  prm = _input_params(config, train=False)
+  pdb = num_local_devices * per_device_batch * process_count
+  files = _record_files(path, split)
+  parts = []
+  for group in (0, 1):
+    g = tf.data.TFRecordDataset(files).map(_group_and_usable(features))
+    g = g.filter(lambda s, k, u, group=group: tf.equal(k, group))
+    g = g.map(lambda s, k, u: s).batch(pdb)
+
+    def fill(s):
+      n = tf.shape(s)[0]
+      real = tf.range(pdb) < n
+      s = tf.concat([s, tf.repeat(s[:1], pdb - n)], 0)
+      return s, real
+    parts.append(g.map(fill))
+  ds = parts[0].concatenate(parts[1])
+  return _finish(ds, features, prm, False, 0, num_local_devices, per_device_batch,
+                 process_index, process_count)
+
+
+class BatchIterator:
+  """Iterator of numpy batch dicts; counts GT overflows; get_state()/set_state() for resume."""
+
+  def __init__(self, make_ds, start_step=0, train=True):
+    self._make_ds = make_ds
+    self._train = train
+    self.step = start_step
+    self.counts = dict.fromkeys(_COUNT_NAMES, 0)
+    self._warned = False
+    self._reset()
+
+  def _reset(self):
+    self._it = iter(self._make_ds(self.step).as_numpy_iterator())
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._it)
+    c = batch.pop("_counts").reshape(-1, 4).sum(0)
+    for k, n in zip(_COUNT_NAMES, c):
+      self.counts[k] += int(n)
+    if c[:3].any() and not self._warned:
+      self._warned = True
+      logging.warning("GT exceeded the static caps (counts so far: %s); raise "
+                      "config.data.max_instances / max_polygon_parts / max_polygon_vertices",
+                      self.counts)
+    self.step += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"step": self.step}
+
+  def set_state(self, state: dict):
+    self.step = int(state["step"])
+    self._reset()
+
+
+def make_train_iterator(config, data_dir, name, seed, num_local_devices, per_device_batch,
+                        process_index=None, process_count=None, start_step=0) -> BatchIterator:
+  """Infinite train iterator of [D, B, ...] numpy batches, deterministic for (seed, step)."""
+  import jax
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  return BatchIterator(
+      lambda step: build_train_dataset(config, data_dir, name, seed, num_local_devices,
+                                       per_device_batch, pi, pc, step)[0], start_step)
+
+
+def make_eval_iterator(config, data_dir, name, num_local_devices, per_device_batch,
+                       process_index=None, process_count=None, split="val") -> BatchIterator:
+  """Finite eval iterator: every stored image once (is_real marks dummies)."""
+  import jax
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  return BatchIterator(
+      lambda step: build_eval_dataset(config, data_dir, name, num_local_devices,
+                                      per_device_batch, pi, pc, split).skip(step),
+      train=False)

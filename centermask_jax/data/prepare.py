@@ -1,0 +1,155 @@
+"""Build a COCO-format dataset into tfds TFRecords.
+
+  python -m centermask_jax.data.prepare --name NAME --train-json J --train-images D \\
+      --val-json J --val-images D --data-dir DIR
+  python -m centermask_jax.data.prepare --name coco2017 --coco-dir /path/to/coco --data-dir DIR
+  python -m centermask_jax.data.prepare --synthetic [--name synthetic] [--seed 0] --data-dir DIR
+
+Prints per split `split=S images=N instances=N crowd=N skipped_images=N dropped_instances=N`
+followed by the reasons of every skip/drop. Training/eval then use
+`--config.data.name=NAME --config.data.data_dir=DIR`.
+
+Next to the tfds files (`DIR/coco_instances/NAME/1.0.0/`) it writes `centermask_meta.json`
+(categories, build stats, source paths) and `gt_<split>.json` for every split except train:
+the source annotation JSON restricted to the images actually stored (for COCOeval).
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Dict, Optional, Sequence, Tuple
+
+from centermask_jax.data import coco_builder
+
+META_FILE = "centermask_meta.json"
+SYNTHETIC_NAME = "synthetic"
+
+
+def dataset_dir(data_dir: str, name: str) -> str:
+  """Directory of the prepared dataset NAME (tfds layout)."""
+  return os.path.join(os.path.expanduser(data_dir), coco_builder.BUILDER_NAME, name,
+                      coco_builder.VERSION)
+
+
+def build_dataset(name: str, splits: Sequence[Tuple[str, str, str]], data_dir: str,
+                  coco_dir: Optional[str] = None, overwrite: bool = True,
+                  quiet: bool = False) -> Dict[str, coco_builder.BuildStats]:
+  """Builds NAME from ((split, json, image_dir), ...) into data_dir -> stats per split.
+
+  Raises coco_builder.CocoFormatError for a non-COCO annotation file.
+  """
+  if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name):
+    raise ValueError(f"dataset name {name!r}: use letters, digits, '_', '-', '.'")
+  data_dir = os.path.abspath(os.path.expanduser(data_dir))
+  out_dir = dataset_dir(data_dir, name)
+  if coco_dir is not None:
+    config = coco_builder.CocoInstancesConfig(
+        name=name, version=coco_builder.VERSION, splits=coco_builder.COCO2017_SPLITS,
+        use_manual_dir=True, description="COCO 2017 instances")
+    splits = [(s, os.path.join(coco_dir, j), os.path.join(coco_dir, i))
+              for s, j, i in coco_builder.COCO2017_SPLITS]
+  else:
+    splits = tuple((s, os.path.abspath(j), os.path.abspath(i)) for s, j, i in splits)
+    config = coco_builder.CocoInstancesConfig(
+        name=name, version=coco_builder.VERSION, splits=splits,
+        description=f"COCO-format instances from {', '.join(j for _, j, _ in splits)}")
+  for _, js, _ in splits:  # validate every JSON first: one clear error, nothing written
+    coco_builder.load_coco_json(js)
+  if os.path.exists(out_dir):
+    if not overwrite:
+      raise FileExistsError(out_dir)
+    shutil.rmtree(out_dir)
+  import tensorflow_datasets as tfds
+  if quiet:
+    tfds.disable_progress_bar()
+  builder = coco_builder.CocoInstances(
+      config=config, data_dir=data_dir,
+      manual_dir_override=os.path.abspath(coco_dir) if coco_dir else None)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=os.path.abspath(coco_dir) if coco_dir else None))
+  stats = builder.build_stats
+  cats = builder.categories()
+  meta = dict(name=name, categories=[[c, n] for c, n in cats], splits={}, gt_json={})
+  for split, js, imgs in splits:
+    meta["splits"][split] = dict(stats[split].to_json(), source_json=js, image_dir=imgs)
+    if split != "train":
+      fname = f"gt_{split}.json"
+      write_gt_subset(js, stats_image_ids(builder, split), os.path.join(out_dir, fname))
+      meta["gt_json"][split] = fname
+  with open(os.path.join(out_dir, META_FILE), "w") as f:
+    json.dump(meta, f, indent=1)
+  if not quiet:
+    for split, _, _ in splits:
+      print(stats[split].line(split))
+      for r in stats[split].reasons():
+        print(r)
+  return stats
+
+
+def stats_image_ids(builder, split):
+  """Ids of the images stored in a split (reads only the small fields)."""
+  import tensorflow_datasets as tfds
+  ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  return {int(x) for x in ds.map(lambda e: e["image_id"]).as_numpy_iterator()}
+
+
+def write_gt_subset(src_json: str, image_ids, dst: str):
+  """Copies a COCO JSON keeping only the given images and their annotations."""
+  d = coco_builder.load_coco_json(src_json)
+  out = {k: v for k, v in d.items() if k not in ("images", "annotations")}
+  out["images"] = [im for im in d["images"] if int(im["id"]) in image_ids]
+  out["annotations"] = [a for a in d["annotations"] if int(a["image_id"]) in image_ids]
+  with open(dst, "w") as f:
+    json.dump(out, f)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = argparse.ArgumentParser(prog="python -m centermask_jax.data.prepare",
+                              description=__doc__.split("\n\n")[0])
+  p.add_argument("--name", default=None, help="dataset name (config.data.name)")
+  p.add_argument("--data-dir", required=True, help="output root (config.data.data_dir)")
+  p.add_argument("--train-json")
+  p.add_argument("--train-images")
+  p.add_argument("--val-json")
+  p.add_argument("--val-images")
+  p.add_argument("--coco-dir", help="COCO 2017 root (annotations/, train2017/, val2017/)")
+  p.add_argument("--synthetic", action="store_true", help="generate + build the built-in data")
+  p.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+  p.add_argument("--num-train", type=int, default=None, help="synthetic train images")
+  p.add_argument("--num-val", type=int, default=None, help="synthetic val images")
+  a = p.parse_args(argv)
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  try:
+    if a.synthetic or a.name == SYNTHETIC_NAME and not (a.train_json or a.coco_dir):
+      from centermask_jax.data import synthetic
+      kw = {k: v for k, v in (("num_train", a.num_train), ("num_val", a.num_val)) if v}
+      synthetic.prepare(a.data_dir, name=a.name or SYNTHETIC_NAME, seed=a.seed, **kw)
+      return 0
+    if not a.name:
+      p.error("--name is required")
+    if a.coco_dir:
+      build_dataset(a.name, (), a.data_dir, coco_dir=a.coco_dir)
+      return 0
+    splits = []
+    if a.train_json or a.train_images:
+      if not (a.train_json and a.train_images):
+        p.error("--train-json and --train-images go together")
+      splits.append(("train", a.train_json, a.train_images))
+    if a.val_json or a.val_images:
+      if not (a.val_json and a.val_images):
+        p.error("--val-json and --val-images go together")
+      splits.append(("val", a.val_json, a.val_images))
+    if not splits:
+      p.error("give --train-json/--train-images and/or --val-json/--val-images, or --coco-dir")
+    build_dataset(a.name, splits, a.data_dir)
+  except coco_builder.CocoFormatError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
