@@ -7,12 +7,14 @@ made from annotation JSON + image folder paths per split (`CocoInstancesConfig.s
 Stored per image (one TFRecord example, key = image id):
   image        raw encoded file bytes (decoded later with PIL, as detectron2 does)
   image_id     original COCO id;  file_name;  height, width (JSON values, checked at build)
-  objects      per kept annotation: id, bbox (COCO xywh, original pixels, float64),
+  objects      per kept annotation: id, bbox (COCO xywh, original pixels, float32 view),
                category_id (original), label (contiguous: sorted category ids -> 0..C-1),
                is_crowd, area, num_parts (polygon parts, 0 for RLE), rle (compressed COCO
                RLE counts for RLE segmentations, else empty)
   poly_len     [sum of parts] vertex count of each polygon part, object-major
-  poly_xy      [sum of vertices, 2] polygon vertices (x, y), original pixels, float64
+  poly_xy      float64 little-endian bytes of [sum of vertices, 2] polygon vertices (x, y),
+               original pixels (tf.train.Example floats are float32: bytes keep JSON values exact)
+  bbox_f64     float64 little-endian bytes of the [num objects, 4] boxes (exact JSON values)
 
 Bad input: unreadable / corrupt images and images whose decoded size differs from the JSON
 are skipped; annotations with a non-positive box, no polygon part of >= 3 points, an empty RLE
@@ -256,7 +258,7 @@ def iter_examples(json_path: str, image_dir: str, cat_to_label: Dict[int, int],
         image=data, image_id=iid, file_name=str(im["file_name"]), height=h, width=w,
         objects=dict(
             id=np.asarray([o["id"] for o in objs], np.int64),
-            bbox=np.asarray([o["bbox"] for o in objs], np.float64).reshape(-1, 4),
+            bbox=np.asarray([o["bbox"] for o in objs], np.float32).reshape(-1, 4),
             category_id=np.asarray([o["category_id"] for o in objs], np.int64),
             label=np.asarray([o["label"] for o in objs], np.int64),
             is_crowd=np.asarray([o["is_crowd"] for o in objs], bool),
@@ -264,7 +266,8 @@ def iter_examples(json_path: str, image_dir: str, cat_to_label: Dict[int, int],
             num_parts=np.asarray([o["num_parts"] for o in objs], np.int32),
             rle=[o["rle"] for o in objs]),
         poly_len=np.asarray(poly_len, np.int32),
-        poly_xy=(np.concatenate(poly_xy, 0) if poly_xy else np.zeros((0, 2))).astype(np.float64))
+        bbox_f64=np.asarray([o["bbox"] for o in objs], "<f8").reshape(-1, 4).tobytes(),
+        poly_xy=(np.concatenate(poly_xy, 0) if poly_xy else np.zeros((0, 2))).astype("<f8").tobytes())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +318,7 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
             "width": np.int32,
             "objects": tfds.features.Sequence({
                 "id": np.int64,
-                "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float64),
+                "bbox": tfds.features.Tensor(shape=(4,), dtype=np.float32),
                 "category_id": np.int64,
                 "label": tfds.features.ClassLabel(names=names),
                 "is_crowd": np.bool_,
@@ -324,7 +327,8 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
                 "rle": tfds.features.Tensor(shape=(), dtype=np.bytes_),
             }),
             "poly_len": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-            "poly_xy": tfds.features.Tensor(shape=(None, 2), dtype=np.float64),
+            "poly_xy": tfds.features.Tensor(shape=(), dtype=np.bytes_),
+            "bbox_f64": tfds.features.Tensor(shape=(), dtype=np.bytes_),
         }),
         homepage="https://cocodataset.org",
     )

@@ -142,8 +142,9 @@ def _example_fn(features, prm, train, seed):
     obj = ex["objects"]
     outs = tf.numpy_function(
         lambda *a: _host_example(*a, prm=prm),
-        [ex["image"], ex["height"], ex["width"], obj["bbox"], obj["label"], obj["is_crowd"],
-         obj["num_parts"], ex["poly_len"], ex["poly_xy"], short, flip],
+        [ex["image"], ex["height"], ex["width"], tf.io.decode_raw(ex["bbox_f64"], tf.float64),
+         obj["label"], obj["is_crowd"], obj["num_parts"], ex["poly_len"],
+         tf.io.decode_raw(ex["poly_xy"], tf.float64), short, flip],
         [tf.uint8, tf.int32, tf.int32, tf.float32, tf.int32, tf.bool, tf.float32, tf.int32,
          tf.int32], stateful=False)
     img, hw, orig_hw, boxes, classes, valid, polys, plen, counts = outs
