@@ -1,0 +1,112 @@
+"""Mask-branch targets through pycocotools, exactly as the official code (spec §d.6, §e).
+
+RoI boxes exist only on device, so the targets are computed on the host with
+`jax.pure_callback` (static output shapes; works under jit, vmap and pmap):
+
+* 28x28 target of a foreground RoI (detectron2 `rasterize_polygons_within_box`): the
+  matched GT's polygon parts (float64) shifted by the box's (x0, y0), scaled by
+  `S / max(w, 0.1)` in x and `S / max(h, 0.1)` in y (w, h and the ratios in float32, as
+  numpy computes them from the float32 box), `frPyObjects` -> `merge` -> `decode`.
+* MaskIoU ratio (centermask2 `mask_rcnn_loss`): sum over the parts of the COCO-rasterised
+  area of each part shifted by (x0, y0) on an unscaled `int(h) x int(w)` canvas (parts are
+  not merged), divided by the summed shoelace area of the parts, clamped to [0, 1]
+  (then `losses.maskiou_targets` applies max(ratio, 1e-10)). A zero shoelace area gives 0.
+
+Polygons arrive as float32 (the batch contract); detectron2 keeps them in float64, so
+coordinates that are not float32-representable can, in rare borderline cases, flip a
+rasterised pixel relative to the official targets.
+"""
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pycocotools.mask as mask_util
+
+
+def _instance_parts(polys, lens):
+  """polys [P, V, 2], lens [P] -> list of flat float64 [x0, y0, x1, y1, ...] parts."""
+  return [polys[p, :n].astype(np.float64).reshape(-1) for p, n in enumerate(lens) if n > 0]
+
+
+def _shoelace(parts):
+  area = 0.0
+  for p in parts:
+    x, y = p[0::2], p[1::2]
+    area += 0.5 * np.abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+  return area
+
+
+def _roi_target(parts, box, mask_size):
+  """One RoI: float32 box [4] -> (bool [S, S] target, float64 ratio)."""
+  w, h = box[2] - box[0], box[3] - box[1]  # float32
+  shifted = []
+  for p in parts:
+    q = p.copy()
+    q[0::2] = q[0::2] - box[0]
+    q[1::2] = q[1::2] - box[1]
+    shifted.append(q)
+  # Ratio numerator: unscaled canvas of truncated size, per-part areas summed.
+  hi, wi = max(int(h), 0), max(int(w), 0)
+  crop_area = float(mask_util.area(mask_util.frPyObjects(shifted, hi, wi)).sum())
+  full = _shoelace(parts)
+  ratio = min(max(crop_area / full, 0.0), 1.0) if full > 0 else 0.0
+  # Python max(x, 0.1) keeps the float32 x unless 0.1 > x; int / float32 stays float32.
+  ratio_h = mask_size / 0.1 if 0.1 > h else np.float32(mask_size) / h
+  ratio_w = mask_size / 0.1 if 0.1 > w else np.float32(mask_size) / w
+  scaled = []
+  for q in shifted:
+    q = q.copy()
+    q[0::2] *= ratio_w
+    q[1::2] *= ratio_h
+    scaled.append(q)
+  rle = mask_util.merge(mask_util.frPyObjects(scaled, mask_size, mask_size))
+  with warnings.catch_warnings():  # pycocotools' decode trips a numpy-2 copy= warning
+    warnings.simplefilter("ignore", DeprecationWarning)
+    mask = mask_util.decode(rle)
+  return mask.astype(bool), ratio
+
+
+def _host_mask_targets(boxes, matched_idx, roi_valid, gt_polys, gt_poly_len, mask_size):
+  """Numpy body of `mask_targets`; any leading dims [..., N] are flattened."""
+  boxes = np.asarray(boxes, np.float32)
+  lead = boxes.shape[:-2]
+  r = boxes.shape[-2]
+  boxes = boxes.reshape((-1, r, 4))
+  matched_idx = np.asarray(matched_idx).reshape((-1, r))
+  roi_valid = np.asarray(roi_valid).reshape((-1, r))
+  gt_polys = np.asarray(gt_polys, np.float32)
+  gt_polys = gt_polys.reshape((-1,) + gt_polys.shape[-4:])
+  gt_poly_len = np.asarray(gt_poly_len)
+  gt_poly_len = gt_poly_len.reshape((-1,) + gt_poly_len.shape[-2:])
+  targets = np.zeros(boxes.shape[:2] + (mask_size, mask_size), bool)
+  ratios = np.zeros(boxes.shape[:2], np.float32)
+  for n, r_idx in zip(*np.nonzero(roi_valid)):
+    g = int(matched_idx[n, r_idx])
+    parts = _instance_parts(gt_polys[n, g], gt_poly_len[n, g])
+    if not parts:
+      continue
+    targets[n, r_idx], ratios[n, r_idx] = _roi_target(parts, boxes[n, r_idx], mask_size)
+  return (targets.reshape(lead + (r, mask_size, mask_size)), ratios.reshape(lead + (r,)))
+
+
+def mask_targets(roi_boxes, matched_idx, roi_valid, gt_polys, gt_poly_len,
+                 mask_size: int = 28):
+  """Official 28x28 mask targets and MaskIoU area ratios via pycocotools (host callback).
+
+  roi_boxes [N, R, 4] float32 (proposal boxes, resized pixels), matched_idx [N, R] int
+  (GT index), roi_valid [N, R] bool (foreground RoIs), gt_polys [N, M, P, V, 2],
+  gt_poly_len [N, M, P] ->
+  (targets bool [N, R, S, S], ratio float32 [N, R]); rows with roi_valid False are zeros.
+  No gradient (targets are constants).
+  """
+  n, r = roi_boxes.shape[:2]
+  out = (jax.ShapeDtypeStruct((n, r, mask_size, mask_size), jnp.bool_),
+         jax.ShapeDtypeStruct((n, r), jnp.float32))
+  args = [jax.lax.stop_gradient(a) for a in (
+      jnp.asarray(roi_boxes, jnp.float32), jnp.asarray(matched_idx, jnp.int32),
+      jnp.asarray(roi_valid, bool), jnp.asarray(gt_polys, jnp.float32),
+      jnp.asarray(gt_poly_len, jnp.int32))]
+  return jax.pure_callback(
+      lambda *a: _host_mask_targets(*a, mask_size=mask_size), out, *args,
+      vmap_method="broadcast_all")
