@@ -1,0 +1,76 @@
+"""Saving and loading model variables with orbax.
+
+A *model checkpoint directory* (written by `tools/import_weights` and readable by
+`eval.py`, `demo.py` and `Predictor`) holds
+  variables/    orbax StandardCheckpointer tree {"params": ..., "frozen_bn": ...}
+  config.json   the model config it was written with (informative)
+`load_model_variables` also accepts an official .pth/.pkl file (imported on the fly)
+and a train.py workdir (the latest checkpoint's variables).
+"""
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from centermask_jax.checkpoints import official
+
+VARIABLES = "variables"
+
+
+def save_variables(directory: str, variables, config=None):
+  """Writes `variables` (and config.json) to a new model checkpoint directory."""
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  target = os.path.join(directory, VARIABLES)
+  if os.path.exists(target):
+    raise FileExistsError(f"{target} exists; choose a new --out directory")
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(target, jax.tree_util.tree_map(np.asarray, variables))
+  ckptr.wait_until_finished()
+  if config is not None:
+    with open(os.path.join(directory, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def load_variables(directory: str, template):
+  """Restores variables saved by `save_variables` into the structure of `template`."""
+  target = os.path.join(os.path.abspath(directory), VARIABLES)
+  if not os.path.isdir(target):
+    raise FileNotFoundError(f"no '{VARIABLES}' checkpoint in {directory}")
+  restored = ocp.StandardCheckpointer().restore(target)
+  return _strict_like(template, restored, source=target)
+
+
+def _strict_like(template, restored, source):
+  """Checks `restored` has exactly the keys/shapes of `template` (named errors)."""
+  want = official.expected_keys(template)
+  got = official.expected_keys(restored)
+  missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+  bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+  if missing or unexpected or bad:
+    raise official.CheckpointMismatchError(
+        f"{source} does not match the model: missing {missing[:20]}, unexpected "
+        f"{unexpected[:20]}, shape mismatches {[(k, got[k], want[k]) for k in bad[:20]]}")
+  return jax.tree_util.tree_map(lambda t, r: np.asarray(r, t.dtype), template, restored)
+
+
+def load_model_variables(path: str, model, rng_seed: int = 0):
+  """Variables for `model` from a checkpoint dir, a train workdir, or an official file."""
+  template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(rng_seed)))
+  template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
+  if os.path.isfile(path):
+    return official.import_checkpoint(template, path)
+  if os.path.isdir(os.path.join(path, VARIABLES)):
+    return load_variables(path, template)
+  from centermask_jax.training import checkpointing  # train.py workdirs
+  return checkpointing.load_latest_variables(path, template)
+
+
+def read_config_json(directory: str):
+  path = os.path.join(directory, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)

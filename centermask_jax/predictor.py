@@ -1,0 +1,63 @@
+"""`Predictor`: one RGB image in, instances out (like detectron2's DefaultPredictor).
+
+Official test-time preprocessing (channel order, ResizeShortestEdge with PIL bilinear,
+normalisation), the image padded to a static canvas per aspect-ratio group (so one
+compile serves every image of that group), official padding = ceil(resized / 32) * 32.
+"""
+from typing import Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from centermask_jax.data import transforms
+from centermask_jax.models.centermask import CenterMask
+from centermask_jax.ops import masks as mask_ops
+from centermask_jax.ops import postprocess
+
+
+def preprocess(image_rgb: np.ndarray, config):
+  """uint8 RGB [H0, W0, 3] -> (normalised float32 [Hc, Wc, 3], image_hw, padded_hw)."""
+  if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+    raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image_rgb.dtype} "
+                     f"{image_rgb.shape}")
+  inp = config.input
+  img = image_rgb[:, :, ::-1] if inp.format == "BGR" else image_rgb
+  h0, w0 = img.shape[:2]
+  hw = transforms.get_output_shape(h0, w0, inp.min_size_test, inp.max_size_test)
+  img = transforms.resize_uint8(np.ascontiguousarray(img), hw)
+  div = inp.size_divisibility
+  padded = tuple(-(-v // div) * div for v in hw)
+  canvas = transforms.canvas_hw(inp.min_size_test, inp.max_size_test, hw[1] >= hw[0])
+  canvas = (max(canvas[0], padded[0]), max(canvas[1], padded[1]))
+  x = np.zeros((*canvas, 3), np.float32)
+  x[:hw[0], :hw[1]] = (img.astype(np.float32) - np.asarray(inp.pixel_mean, np.float32)) / \
+      np.asarray(inp.pixel_std, np.float32)
+  return x, np.asarray(hw, np.int32), np.asarray(padded, np.int32)
+
+
+class Predictor:
+  """predictor = Predictor(config, variables); out = predictor(image_rgb_uint8)."""
+
+  def __init__(self, config, variables, model: Optional[CenterMask] = None):
+    self.config = config
+    self.model = model or CenterMask(config)
+    self.variables = jax.device_put(variables)
+    self._predict = jax.jit(self.model.predict)
+
+  def __call__(self, image_rgb: np.ndarray) -> Dict[str, np.ndarray]:
+    """-> boxes [K, 4] (original xyxy px), scores, classes, masks bool [K, H0, W0],
+    mask_scores; K = valid detections, score-descending."""
+    h0, w0 = image_rgb.shape[:2]
+    x, hw, padded = preprocess(image_rgb, self.config)
+    out = self._predict(self.variables, jnp.asarray(x)[None], jnp.asarray(hw)[None],
+                        jnp.asarray(padded)[None])
+    boxes, valid = postprocess.detector_postprocess(
+        out["boxes"], out["valid"], jnp.asarray(hw)[None], jnp.asarray([[h0, w0]]))
+    keep = np.nonzero(np.asarray(valid[0]))[0]
+    boxes = np.asarray(boxes[0])[keep]
+    masks = mask_ops.paste_masks(out["mask_probs"][0][keep], jnp.asarray(boxes), (h0, w0),
+                                 self.config.model.mask_head.mask_threshold)
+    return {"boxes": boxes, "scores": np.asarray(out["scores"][0])[keep],
+            "classes": np.asarray(out["classes"][0])[keep],
+            "masks": np.asarray(masks), "mask_scores": np.asarray(out["mask_scores"][0])[keep]}

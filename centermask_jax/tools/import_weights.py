@@ -1,0 +1,41 @@
+"""Import an official centermask2 .pth / detectron2 .pkl checkpoint into a model checkpoint dir.
+
+  python -m centermask_jax.tools.import_weights --config configs/NAME.py --weights FILE --out DIR
+
+Strict: every missing / unexpected key and shape mismatch is reported by name.
+The output directory is what eval.py --checkpoint, demo.py and Predictor load.
+"""
+import argparse
+import sys
+
+import jax
+import numpy as np
+
+from centermask_jax.checkpoints import io, official
+from centermask_jax.config import load_config
+from centermask_jax.models.centermask import CenterMask, count_values
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", required=True)
+  ap.add_argument("--weights", required=True, help=".pth (centermask2) or .pkl (detectron2)")
+  ap.add_argument("--out", required=True, help="new output directory")
+  args = ap.parse_args(argv)
+  cfg = load_config(args.config)
+  model = CenterMask(cfg)
+  template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
+                                    jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0))))
+  try:
+    variables = official.import_checkpoint(template, args.weights)
+  except official.CheckpointMismatchError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  io.save_variables(args.out, variables, cfg)
+  print(f"imported {len(official.expected_keys(variables))} tensors "
+        f"({count_values(variables):,} values) from {args.weights} -> {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,67 @@
+"""Predictor (official preprocessing, one image) and the import_weights CLI vs the fixture."""
+import pathlib
+
+import numpy as np
+import pytest
+
+from centermask_jax.checkpoints import io
+from centermask_jax.config import load_config
+from centermask_jax.models.centermask import CenterMask
+from centermask_jax.predictor import Predictor, preprocess
+from centermask_jax.tools import import_weights
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py")
+
+
+def test_preprocess_matches_official_bytes(lite_fixture):
+  cfg = load_config(CONFIG)
+  inp = np.load(lite_fixture / "inputs.npz")
+  for i in range(2):
+    x, hw, padded = preprocess(inp[f"img{i}_orig_rgb_uint8"], cfg)
+    ref = inp[f"img{i}_resized_bgr_uint8"]
+    assert tuple(hw) == ref.shape[:2]
+    np.testing.assert_array_equal(
+        x[:hw[0], :hw[1]], ref.astype(np.float32) - inp["pixel_mean"])
+    assert np.all(x[hw[0]:] == 0) and np.all(x[:, hw[1]:] == 0)
+    assert tuple(padded) == tuple(-(-v // 32) * 32 for v in hw)
+
+
+def test_import_cli_then_predictor_reproduces_fixture(lite_fixture, tmp_path):
+  """coffee (400x600 -> 600x900) alone pads to 608x928 like the fixture batch, so the
+  predictor's output must equal the fixture's final img1 results."""
+  out = tmp_path / "ckpt"
+  rc = import_weights.main(["--config", CONFIG, "--weights",
+                            str(lite_fixture / "model_random_fp16.pth"), "--out", str(out)])
+  assert rc == 0
+  cfg = load_config(CONFIG)
+  model = CenterMask(cfg)
+  variables = io.load_model_variables(str(out), model)
+  pred = Predictor(cfg, variables, model)
+  inp = np.load(lite_fixture / "inputs.npz")
+  ev = np.load(lite_fixture / "eval_outputs.npz")
+  res = pred(inp["img1_orig_rgb_uint8"])
+  np.testing.assert_allclose(res["boxes"], ev["img1_final_boxes"], atol=1e-3)
+  np.testing.assert_allclose(res["scores"], ev["img1_final_scores"], atol=1e-5)
+  np.testing.assert_array_equal(res["classes"], ev["img1_final_classes"])
+  np.testing.assert_allclose(res["mask_scores"], ev["img1_final_mask_scores"], atol=1e-4)
+  shape = tuple(ev["img1_final_masks_shape"])
+  ref = np.unpackbits(ev["img1_final_masks_packed"], axis=-1)[..., :shape[2]].astype(bool)
+  assert res["masks"].shape == ref.shape
+  assert np.sum(res["masks"] != ref, axis=(1, 2)).max() <= 8
+
+
+def test_import_cli_reports_mismatch(lite_fixture, tmp_path, capsys):
+  other = str(REPO / "configs" / "centermask_lite_V_19_eSE_FPN_ms_4x.py")
+  rc = import_weights.main(["--config", other, "--weights",
+                            str(lite_fixture / "model_random_fp16.pth"), "--out", str(tmp_path / "x")])
+  err = capsys.readouterr().err
+  assert rc == 2
+  assert "missing keys" in err and "backbone.bottom_up.stage2.OSA2_1.layers.0.OSA2_1_0/conv.weight" in err
+  assert "unexpected keys" in err and "OSA2_1_0/dw_conv3x3.weight" in err
+
+
+def test_predictor_rejects_bad_image():
+  cfg = load_config(CONFIG)
+  with pytest.raises(ValueError, match="RGB uint8"):
+    preprocess(np.zeros((10, 10), np.uint8), cfg)
