@@ -11,6 +11,9 @@ import pytest
 from centermask_jax.training import mask_targets as MT
 from centermask_jax.training import targets as T
 
+# pycocotools decode trips a numpy-2 copy= DeprecationWarning in the reference code below.
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 STRIDES = (8, 16, 32, 64, 128)
 PADDED = (608, 928)
@@ -333,3 +336,21 @@ def test_mask_targets_in_pmap(lite_fixture):
                                     shard(rois["fg"]), shard(gt["gt_polys"]),
                                     shard(gt["gt_poly_len"]))
   np.testing.assert_array_equal(np.asarray(tv)[:, 0], np.asarray(ref_t)[order])
+
+
+def test_mask_targets_float64_words_exact():
+  # Vertices 5x-upsampled onto .5 boundaries: float32 rounding flips pixels, the float64
+  # bit pattern (uint32 words) reproduces the official float64 rasterisation exactly.
+  xs = np.arange(5.1, 22, 0.8)
+  m = len(xs)
+  p64 = np.stack([np.array([[x - 1e-9, 3.0], [22.0, 5.3], [x - 1e-9, 20.1 - 1e-9], [3.3, 12.0]])
+                  for x in xs])[None, :, None]  # [1, M, 1, 4, 2]
+  lens = np.full((1, m, 1), 4, np.int32)
+  boxes = np.tile(np.array([0, 0, 28, 28], np.float32), (1, m, 1))
+  args = (boxes, np.arange(m, dtype=np.int32)[None], np.ones((1, m), bool))
+  t64, _ = jax.jit(MT.mask_targets)(*args, MT.float64_words(p64), lens)
+  t32, _ = MT.mask_targets(*args, p64.astype(np.float32), lens)
+  ref = np.stack([official_style_target([p64[0, k, 0].reshape(-1)], boxes[0, k])[0]
+                  for k in range(m)])
+  np.testing.assert_array_equal(np.asarray(t64)[0], ref)
+  assert (np.asarray(t32)[0] != ref).any()

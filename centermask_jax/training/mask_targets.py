@@ -14,7 +14,9 @@ RoI boxes exist only on device, so the targets are computed on the host with
 
 Polygons arrive as float32 (the batch contract); detectron2 keeps them in float64, so
 coordinates that are not float32-representable can, in rare borderline cases, flip a
-rasterised pixel relative to the official targets.
+rasterised pixel relative to the official targets. For bit-exact targets pass the
+float64 polygons as their raw bits instead: uint32 [..., V, 2, 2] words from
+`float64_words(p64)` (works with x64 disabled; costs twice the transfer).
 """
 import warnings
 
@@ -25,8 +27,8 @@ import pycocotools.mask as mask_util
 
 
 def _instance_parts(polys, lens):
-  """polys [P, V, 2], lens [P] -> list of flat float64 [x0, y0, x1, y1, ...] parts."""
-  return [polys[p, :n].astype(np.float64).reshape(-1) for p, n in enumerate(lens) if n > 0]
+  """polys [P, V, 2] float64, lens [P] -> list of flat [x0, y0, x1, y1, ...] parts."""
+  return [polys[p, :n].reshape(-1) for p, n in enumerate(lens) if n > 0]
 
 
 def _shoelace(parts):
@@ -67,6 +69,20 @@ def _roi_target(parts, box, mask_size):
   return mask.astype(bool), ratio
 
 
+def float64_words(x):
+  """float64 numpy array [...] -> uint32 [..., 2], its bit pattern (host-side helper)."""
+  x = np.ascontiguousarray(x, np.float64)
+  return x.view(np.uint32).reshape(x.shape + (2,))
+
+
+def _polys_float64(gt_polys):
+  """float32 [..., V, 2] or uint32 words [..., V, 2, 2] -> float64 [..., V, 2]."""
+  gt_polys = np.asarray(gt_polys)
+  if gt_polys.dtype == np.uint32:
+    return np.ascontiguousarray(gt_polys).view(np.float64)[..., 0]
+  return gt_polys.astype(np.float32).astype(np.float64)
+
+
 def _host_mask_targets(boxes, matched_idx, roi_valid, gt_polys, gt_poly_len, mask_size):
   """Numpy body of `mask_targets`; any leading dims [..., N] are flattened."""
   boxes = np.asarray(boxes, np.float32)
@@ -75,7 +91,7 @@ def _host_mask_targets(boxes, matched_idx, roi_valid, gt_polys, gt_poly_len, mas
   boxes = boxes.reshape((-1, r, 4))
   matched_idx = np.asarray(matched_idx).reshape((-1, r))
   roi_valid = np.asarray(roi_valid).reshape((-1, r))
-  gt_polys = np.asarray(gt_polys, np.float32)
+  gt_polys = _polys_float64(gt_polys)
   gt_polys = gt_polys.reshape((-1,) + gt_polys.shape[-4:])
   gt_poly_len = np.asarray(gt_poly_len)
   gt_poly_len = gt_poly_len.reshape((-1,) + gt_poly_len.shape[-2:])
@@ -95,18 +111,18 @@ def mask_targets(roi_boxes, matched_idx, roi_valid, gt_polys, gt_poly_len,
   """Official 28x28 mask targets and MaskIoU area ratios via pycocotools (host callback).
 
   roi_boxes [N, R, 4] float32 (proposal boxes, resized pixels), matched_idx [N, R] int
-  (GT index), roi_valid [N, R] bool (foreground RoIs), gt_polys [N, M, P, V, 2],
-  gt_poly_len [N, M, P] ->
+  (GT index), roi_valid [N, R] bool (foreground RoIs), gt_polys [N, M, P, V, 2] float32
+  (or uint32 [N, M, P, V, 2, 2] `float64_words`), gt_poly_len [N, M, P] ->
   (targets bool [N, R, S, S], ratio float32 [N, R]); rows with roi_valid False are zeros.
   No gradient (targets are constants).
   """
   n, r = roi_boxes.shape[:2]
   out = (jax.ShapeDtypeStruct((n, r, mask_size, mask_size), jnp.bool_),
          jax.ShapeDtypeStruct((n, r), jnp.float32))
+  words = jnp.asarray(gt_polys).dtype == jnp.uint32
+  polys = jnp.asarray(gt_polys, jnp.uint32 if words else jnp.float32)
   args = [jax.lax.stop_gradient(a) for a in (
       jnp.asarray(roi_boxes, jnp.float32), jnp.asarray(matched_idx, jnp.int32),
-      jnp.asarray(roi_valid, bool), jnp.asarray(gt_polys, jnp.float32),
-      jnp.asarray(gt_poly_len, jnp.int32))]
-  return jax.pure_callback(
-      lambda *a: _host_mask_targets(*a, mask_size=mask_size), out, *args,
-      vmap_method="broadcast_all")
+      jnp.asarray(roi_valid, bool), polys, jnp.asarray(gt_poly_len, jnp.int32))]
+  return jax.pure_callback(lambda *a: _host_mask_targets(*a, mask_size=mask_size), out, *args,
+                           vmap_method="broadcast_all")
