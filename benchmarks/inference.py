@@ -1,0 +1,80 @@
+"""Inference benchmark: compile seconds, median latency, images/s and peak RSS.
+
+  python benchmarks/inference.py --config configs/centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py \
+      --size 608x928 --batch 1 2 [--iters 10]
+
+Each (config, size, batch) runs in a fresh subprocess so peak RSS is its own. Weights
+are random (spec init); the timed function is the full jitted `predict` (backbone,
+FPN, FCOS + NMS, RoIAlign, mask and MaskIoU heads) on a canvas of the given size.
+Runs on whatever JAX backend is present (CPU here, GPU/TPU where available).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def run_one(config_path, h, w, batch, iters):
+  import jax
+  import jax.numpy as jnp
+
+  from centermask_jax.config import load_config
+  from centermask_jax.models.centermask import CenterMask
+
+  cfg = load_config(config_path)
+  model = CenterMask(cfg)
+  variables = jax.device_put(model.init(jax.random.PRNGKey(0)))
+  images = jax.random.normal(jax.random.PRNGKey(1), (batch, h, w, 3)) * 50.0
+  hw = jnp.array([[h, w]] * batch, jnp.int32)
+  predict = jax.jit(model.predict)
+  t0 = time.perf_counter()
+  compiled = predict.lower(variables, images, hw, hw).compile()
+  compile_s = time.perf_counter() - t0
+  jax.block_until_ready(compiled(variables, images, hw, hw))  # warm-up
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(variables, images, hw, hw))
+    times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  return dict(config=cfg.name, size=f"{h}x{w}", batch=batch, backend=jax.default_backend(),
+              device=str(jax.devices()[0].device_kind), compile_s=round(compile_s, 2),
+              median_latency_s=round(med, 4), images_per_s=round(batch / med, 2),
+              peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", nargs="+", required=True)
+  ap.add_argument("--size", nargs="+", default=["608x928"], help="canvas HxW (multiples of 32)")
+  ap.add_argument("--batch", nargs="+", type=int, default=[1, 2])
+  ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args._child:
+    h, w = (int(v) for v in args.size[0].split("x"))
+    print(json.dumps(run_one(args.config[0], h, w, args.batch[0], args.iters)))
+    return
+  print(f"{'config':45s} {'size':>9s} {'batch':>5s} {'compile_s':>9s} {'latency_s':>9s} "
+        f"{'img/s':>7s} {'peak_rss_MiB':>12s} backend")
+  for config in args.config:
+    for size in args.size:
+      for batch in args.batch:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--config", config,
+               "--size", size, "--batch", str(batch), "--iters", str(args.iters)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+          print(f"{config} {size} batch {batch}: FAILED\n{out.stderr[-2000:]}")
+          continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{r['config']:45s} {r['size']:>9s} {r['batch']:5d} {r['compile_s']:9.2f} "
+              f"{r['median_latency_s']:9.3f} {r['images_per_s']:7.2f} {r['peak_rss_mib']:12.1f} "
+              f"{r['backend']} ({r['device']})", flush=True)
+
+
+if __name__ == "__main__":
+  main()
