@@ -127,10 +127,11 @@ def _roi_align_jit(feats, boxes, padded_hw, stride, sampling_ratio, aligned):
                       sampling_ratio=sampling_ratio, aligned=aligned)
 
 
+@pytest.mark.parametrize("canvas", [CANVAS, (24, 16)])  # both contraction orders
 @pytest.mark.parametrize("sampling_ratio,aligned", [(0, True), (2, True), (0, False), (2, False)])
-def test_roi_align_matches_kernel_transliteration(sampling_ratio, aligned):
+def test_roi_align_matches_kernel_transliteration(sampling_ratio, aligned, canvas):
   rng = np.random.default_rng(sampling_ratio + 10 * aligned)
-  feats, maps = _features(rng, garbage=1e6)
+  feats, maps = _features(rng, canvas=canvas, garbage=1e6)
   boxes = _boxes(rng)
   got = np.asarray(_roi_align_jit(feats, boxes, PADDED_HW, STRIDE, sampling_ratio, aligned))
   assert got.shape == (2, boxes.shape[1], 14, 14, 3)
@@ -139,6 +140,7 @@ def test_roi_align_matches_kernel_transliteration(sampling_ratio, aligned):
     for r in range(boxes.shape[1]):
       want = ref_roi_align(maps[i], boxes[i, r], 1 / STRIDE, 14, sampling_ratio, aligned)
       err = max(err, float(np.abs(got[i, r] - want).max()))
+  print(f"sr={sampling_ratio} aligned={aligned} canvas={canvas}: max abs err {err:.3g}")
   assert err <= 1e-5, err
   # The cases are non-trivial: a fully-outside box and zero-size boxes pool to 0
   # (adaptive grid), the others not (with a fixed 2x2 grid, all samples of the box

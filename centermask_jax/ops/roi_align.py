@@ -22,8 +22,8 @@ outside it never influences the result (it is also masked, so even inf/NaN there
 harmless).
 
 Cost per level: two batched matmuls, dominated by N * R * S * Hc * Wc * C MACs
-(e.g. 50 RoIs on a 80x120x128 P3 canvas: 0.86 GMAC per image), with an intermediate
-[N, R, S, Wc, C]. Matmuls run at Precision.HIGHEST (no TF32 on GPU).
+(e.g. 50 RoIs on a 80x128x128 P3 canvas: 0.92 GMAC per image), with an intermediate
+[N, R, S, min(Hc, Wc), C]. Matmuls run at Precision.HIGHEST (no TF32 on GPU).
 """
 import jax
 import jax.numpy as jnp
@@ -52,6 +52,15 @@ def assign_levels(boxes, image_hw, k_min: int = 3, k_max: int = 5):
   return (k - k_min).astype(jnp.int32)
 
 
+def _exact_div(a, b):
+  """a / b with IEEE rounding under XLA (whose CPU backend turns a division by a
+  broadcast divisor into a multiply by its rounded reciprocal): the divisor is
+  materialised at full shape behind an optimization barrier."""
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+  b = jax.lax.optimization_barrier(jnp.broadcast_to(b, shape))
+  return a / b
+
+
 def _axis_weights(lo, hi, size, canvas: int, scale, output_size: int,
                   sampling_ratio: int, aligned: bool, max_grid=None):
   """1-D RoIAlign weights along one axis.
@@ -63,17 +72,19 @@ def _axis_weights(lo, hi, size, canvas: int, scale, output_size: int,
   f32 = jnp.float32
   S = output_size
   offset = f32(0.5) if aligned else f32(0.0)
+  # Float32 ops in the kernel's order. (XLA may contract `a + b * c` into an FMA, as
+  # nvcc does in the CUDA kernel: sample positions can then differ by 1 ulp.)
   start = lo * scale - offset
   end = hi * scale - offset
   length = end - start
   if not aligned:
     length = jnp.maximum(length, f32(1.0))
-  bin_size = length / f32(S)                                   # [N, R]
+  bin_size = _exact_div(length, f32(S))                       # [N, R]
   if sampling_ratio > 0:
     grid = jnp.full_like(bin_size, f32(sampling_ratio))
     n_steps = sampling_ratio
   else:
-    grid = jnp.ceil(length / f32(S))
+    grid = jnp.ceil(bin_size)
     # In-range samples of one bin: 1 if grid == 1, else spacing > 0.5 -> <= 2H + 2;
     # + slack for starting the window up to 3 indices before the first in-range one.
     n_steps = 2 * canvas + 6 if max_grid is None else max_grid
@@ -95,7 +106,7 @@ def _axis_weights(lo, hi, size, canvas: int, scale, output_size: int,
   valid = idx < gridb
   safe_grid = jnp.where(gridb > 0, gridb, f32(1.0))
   # Same float order as the kernel: start + ph*bin + (i + .5) * bin / grid.
-  y = base + (idx + f32(0.5)) * binb / safe_grid               # [N, R, S, G]
+  y = base + _exact_div((idx + f32(0.5)) * binb, safe_grid)     # [N, R, S, G]
   valid &= (y >= -1.0) & (y <= size_f)
   y = jnp.maximum(y, 0.0)
   y_low = jnp.floor(y)
@@ -149,8 +160,14 @@ def roi_align(features, boxes, padded_hw, stride: int, output_size: int = 14,
   cols = jnp.arange(wc)[None, None, :] < map_hw[:, None, 1:2]
   region = (rows & cols)[..., None]
   feats = jnp.where(region, features, jnp.zeros((), features.dtype))
-  t = jnp.einsum("nrph,nhwc->nrpwc", ay.astype(feats.dtype), feats, precision=precision)
-  return jnp.einsum("nrpwc,nrqw->nrpqc", t, ax.astype(feats.dtype), precision=precision)
+  ay = ay.astype(feats.dtype)
+  ax = ax.astype(feats.dtype)
+  # Contract the longer canvas axis first: the intermediate is [N, R, S, min(Hc, Wc), C].
+  if hc >= wc:
+    t = jnp.einsum("nrph,nhwc->nrpwc", ay, feats, precision=precision)
+    return jnp.einsum("nrpwc,nrqw->nrpqc", t, ax, precision=precision)
+  t = jnp.einsum("nrqw,nhwc->nrhqc", ax, feats, precision=precision)
+  return jnp.einsum("nrhqc,nrph->nrpqc", t, ay, precision=precision)
 
 
 def multilevel_roi_align(features_list, boxes, levels, padded_hw, strides=(8, 16, 32),
