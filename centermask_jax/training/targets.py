@@ -83,13 +83,16 @@ def fcos_targets(gt_boxes, gt_classes, gt_valid, level_hw: Sequence[Tuple[int, i
   centre, clipped to the box) and max(l, t, r, b) within the level's inclusive size
   range; the candidate GT with the smallest *box* area wins (first index on ties).
   Official quirk kept: if the image's first (valid) GT box has centre x == 0, the image
-  gets no positive location at all.
+  gets no positive location at all (the official code looks at GT 0; same thing when
+  valid GTs are packed first, as the batch contract does).
   """
   tab = _static_locations(level_hw, strides, sizes_of_interest)
   xs, ys = jnp.asarray(tab["xs"]), jnp.asarray(tab["ys"])
   radius = jnp.asarray(tab["stride"].astype(np.float32) * np.float32(center_sample_radius))
   lo, hi = jnp.asarray(tab["lo"]), jnp.asarray(tab["hi"])
-  stride_f = jnp.asarray(tab["stride"].astype(np.float32))
+  stride_i = jnp.asarray(tab["stride"])
+  stride_f = stride_i.astype(jnp.float32)
+  rows, cols = jnp.asarray(tab["row"]), jnp.asarray(tab["col"])
 
   def per_image(boxes, classes, valid, phw):
     boxes = boxes.astype(jnp.float32)
@@ -112,9 +115,8 @@ def fcos_targets(gt_boxes, gt_classes, gt_valid, level_hw: Sequence[Tuple[int, i
     loc_area = jnp.where(cand, box_ops.area(boxes)[None, :], INF)
     best = jnp.argmin(loc_area, axis=1)  # first index on ties
     min_area = jnp.take_along_axis(loc_area, best[:, None], axis=1)[:, 0]
-    region = (phw[:, None] + jnp.asarray(tab["stride"])[None, :] - 1) // jnp.asarray(
-        tab["stride"])[None, :]
-    loc_valid = (jnp.asarray(tab["row"]) < region[0]) & (jnp.asarray(tab["col"]) < region[1])
+    region = (phw[:, None] + stride_i[None, :] - 1) // stride_i[None, :]  # ceil, [2, T]
+    loc_valid = (rows < region[0]) & (cols < region[1])
     labels = jnp.where((min_area == INF) | ~loc_valid, num_classes,
                        classes.astype(jnp.int32)[best])
     reg_t = jnp.take_along_axis(reg, best[:, None, None], axis=1)[:, 0] / stride_f[:, None]
