@@ -88,7 +88,8 @@ def fcos_targets(gt_boxes, gt_classes, gt_valid, level_hw: Sequence[Tuple[int, i
   """
   tab = _static_locations(level_hw, strides, sizes_of_interest)
   xs, ys = jnp.asarray(tab["xs"]), jnp.asarray(tab["ys"])
-  radius = jnp.asarray(tab["stride"].astype(np.float32) * np.float32(center_sample_radius))
+  # stride * radius in double, then float32 (as Python float meets a float32 tensor).
+  radius = jnp.asarray((tab["stride"] * float(center_sample_radius)).astype(np.float32))
   lo, hi = jnp.asarray(tab["lo"]), jnp.asarray(tab["hi"])
   stride_i = jnp.asarray(tab["stride"])
   stride_f = stride_i.astype(jnp.float32)
