@@ -9,6 +9,7 @@ import pytest
 
 from centermask_jax.training import mask_targets as MT
 from centermask_jax.training import targets as T
+from fixture_gt import load_gt
 
 # pycocotools decode trips a numpy-2 copy= DeprecationWarning in the reference code below.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -21,19 +22,10 @@ PADDED = (608, 928)
 def load_train(fixture, g=6, p=3, v=20):
   """gt_instances.json + train_outputs.npz -> padded batch-contract GT arrays (N = 2)."""
   tr = np.load(fixture / "train_outputs.npz")
-  gj = json.loads((fixture / "gt_instances.json").read_text())
-  gt = {"gt_boxes": np.zeros((2, g, 4), np.float32), "gt_classes": np.zeros((2, g), np.int32),
-        "gt_valid": np.zeros((2, g), bool), "gt_polys": np.zeros((2, g, p, v, 2), np.float32),
-        "gt_poly_len": np.zeros((2, g, p), np.int32), "image_hw": np.zeros((2, 2), np.int32)}
+  gt = load_gt(fixture, g, p, v)
   for i in range(2):
-    d = gj[f"img{i}"]
-    gt["image_hw"][i] = d["image_hw"]
-    for k, (box, cls, polys) in enumerate(zip(d["boxes_xyxy"], d["classes"], d["polygons"])):
-      gt["gt_boxes"][i, k], gt["gt_classes"][i, k], gt["gt_valid"][i, k] = box, cls, True
-      for j, poly in enumerate(polys):
-        xy = np.asarray(poly).reshape(-1, 2)
-        gt["gt_polys"][i, k, j, :len(xy)], gt["gt_poly_len"][i, k, j] = xy, len(xy)
-    np.testing.assert_array_equal(gt["gt_boxes"][i, :len(d["classes"])], tr[f"img{i}_gt_boxes"])
+    n = int(gt["gt_valid"][i].sum())
+    np.testing.assert_array_equal(gt["gt_boxes"][i, :n], tr[f"img{i}_gt_boxes"])
   return tr, gt
 
 
