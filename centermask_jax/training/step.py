@@ -1,0 +1,147 @@
+"""CenterMask training loss and the pmapped update step.
+
+`loss_fn` is per-device code: every count normaliser is reduced over `axis_name`
+(spec §c.4), so the pmean of the per-device gradients equals the gradient of the
+global-batch loss. `make_train_step` pmaps `train_step` over the local devices with
+the state donated.
+
+State: a dict {"step": int32 [], "params": ..., "frozen_bn": ..., "opt_state": ...}
+(replicated over devices by `replicate`).
+"""
+import functools
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from centermask_jax.models.centermask import CenterMask
+from centermask_jax.ops import fcos_postprocess, postprocess
+from centermask_jax.training import losses as L
+from centermask_jax.training import mask_targets as MT
+from centermask_jax.training import targets as T
+
+AXIS = "batch"
+TRACES = {"train_step": 0}
+LOSS_KEYS = ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask", "loss_maskiou")
+
+
+def _cast(tree, dtype):
+  return jax.tree_util.tree_map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def fg_slots(config) -> int:
+  """Static number of foreground RoI slots per image (= the official fg cap)."""
+  c = config.model
+  return int(min(c.roi.max_fg_per_image, c.fcos.post_nms_topk_train + config.data.max_instances))
+
+
+def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
+            axis_name: Optional[str] = AXIS):
+  """Per-device total loss.
+
+  params / frozen_bn: model variables; batch: dict of [B, ...] arrays (the data contract
+  without the device axis); rng: PRNG key (foreground subsampling).
+  -> (total scalar, dict of the five losses + num_pos, num_fg).
+  """
+  m = config.model
+  fc = m.fcos
+  compute = jnp.bfloat16 if bool(config.train.bf16) else jnp.float32
+  variables = {"params": _cast(params, compute), "frozen_bn": frozen_bn}
+  images = batch["image"].astype(compute)
+  image_hw = batch["image_hw"]
+  padded_hw = batch["padded_hw"]
+
+  fpn, _ = model.features(variables, images, padded_hw)
+  logits, reg, ctr = model.fcos(variables, fpn, padded_hw)
+  logits, reg, ctr = (_cast(x, jnp.float32) for x in (logits, reg, ctr))
+  level_hw = [tuple(x.shape[1:3]) for x in logits]
+
+  tg = T.fcos_targets(batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"], level_hw,
+                      padded_hw, strides=tuple(fc.strides),
+                      sizes_of_interest=tuple(fc.sizes_of_interest),
+                      center_sample_radius=fc.center_sample_radius, num_classes=m.num_classes)
+  fl = L.fcos_losses(logits, reg, ctr, tg["labels"], tg["reg_targets"], tg["loc_valid"],
+                     axis_name=axis_name, focal_alpha=fc.focal_alpha,
+                     focal_gamma=fc.focal_gamma)
+
+  det = jax.lax.stop_gradient(fcos_postprocess.fcos_inference(
+      logits, reg, ctr, padded_hw, strides=tuple(fc.strides), score_thresh=fc.inference_th,
+      pre_nms_topk=fc.pre_nms_topk, nms_thresh=fc.nms_th,
+      post_nms_topk=fc.post_nms_topk_train))
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  rois = T.match_rois(det["boxes"], det["valid"], batch["gt_boxes"], batch["gt_classes"],
+                      batch["gt_valid"], image_hw, max_fg=m.roi.max_fg_per_image,
+                      iou_threshold=m.roi.iou_threshold, rng=rng)
+  fg = T.select_fg(rois, fg_slots(config))
+  boxes = jax.lax.stop_gradient(fg["boxes"])
+  pooled, _ = model.pool_rois(fpn, boxes, image_hw, padded_hw)
+  mask_all, _ = model.mask_logits(variables, pooled)
+  cls_logits = postprocess.select_class_masks(mask_all, fg["gt_classes"]).astype(jnp.float32)
+  mt, ratio = MT.mask_targets(boxes, fg["matched_idx"], fg["fg"], batch["gt_polys"],
+                              batch["gt_poly_len"], mask_size=cls_logits.shape[-1])
+  loss_mask = L.mask_loss(cls_logits, mt, fg["fg"], axis_name=axis_name)
+  iou_all = model.maskiou(variables, pooled, jax.nn.sigmoid(cls_logits).astype(compute))
+  iou_g = jnp.take_along_axis(iou_all, fg["gt_classes"][..., None], axis=-1,
+                              mode="clip")[..., 0].astype(jnp.float32)
+  loss_maskiou, _ = L.maskiou_targets_and_loss(
+      cls_logits, mt, ratio, iou_g, fg["fg"], axis_name=axis_name,
+      loss_weight=m.maskiou_head.loss_weight)
+  losses = {"loss_fcos_cls": fl["loss_fcos_cls"], "loss_fcos_loc": fl["loss_fcos_loc"],
+            "loss_fcos_ctr": fl["loss_fcos_ctr"], "loss_mask": loss_mask,
+            "loss_maskiou": loss_maskiou}
+  total = sum(losses[k] for k in LOSS_KEYS)
+  aux = dict(losses, num_pos=fl["num_pos"], num_fg=jnp.sum(fg["fg"]).astype(jnp.float32))
+  return total, aux
+
+
+def init_state(params, frozen_bn, tx: optax.GradientTransformation) -> Dict[str, Any]:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "frozen_bn": frozen_bn,
+          "opt_state": tx.init(params)}
+
+
+def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS):
+  """One SGD step on this device's batch; grads and metrics averaged over `axis_name`."""
+  TRACES["train_step"] += 1  # Python side effect: counts traces (recompilation checks)
+  rng = jax.random.fold_in(rng, state["step"])
+  grad_fn = jax.value_and_grad(
+      functools.partial(loss_fn, model=model, config=config, axis_name=axis_name),
+      has_aux=True)
+  (total, aux), grads = grad_fn(state["params"], state["frozen_bn"], batch, rng)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  metrics = dict(aux, total_loss=total)
+  if axis_name is not None:
+    metrics = jax.lax.pmean(metrics, axis_name)
+    metrics["num_pos"] = metrics["num_pos"] * jax.lax.psum(1, axis_name)
+    metrics["num_fg"] = metrics["num_fg"] * jax.lax.psum(1, axis_name)
+  metrics["lr"] = lr_fn(state["step"])
+  metrics["grad_norm"] = optax.global_norm(grads)
+  new_state = {"step": state["step"] + 1, "params": params, "frozen_bn": state["frozen_bn"],
+               "opt_state": opt_state}
+  return new_state, metrics
+
+
+def make_train_step(model, config, tx, lr_fn, devices=None):
+  """pmapped step: (replicated state, batch [D, B, ...], rng) -> (state, metrics [D])."""
+  fn = functools.partial(train_step, model=model, config=config, tx=tx, lr_fn=lr_fn,
+                         axis_name=AXIS)
+  return jax.pmap(fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
+                  devices=devices)
+
+
+def replicate(tree, devices=None):
+  """Host tree -> per-device copies [D, ...] laid out as the pmapped step expects."""
+  devices = devices or jax.local_devices()
+  stacked = jax.tree_util.tree_map(
+      lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
+  return jax.pmap(lambda x: x, devices=devices)(stacked)
+
+
+def unreplicate(tree):
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
