@@ -256,7 +256,8 @@ def test_flip_mirrors_image_boxes_masks(built, tiny_coco):
   a = pipeline._host_example(*args, np.bool_(False), prm=prm)
   f = pipeline._host_example(*args, np.bool_(True), prm=prm)
   h, w = a[1]
-  np.testing.assert_array_equal(f[0], a[0][:, ::-1])
+  np.testing.assert_array_equal(f[0][:h, :w], a[0][:h, :w][:, ::-1])
+  assert not f[0][h:].any() and not f[0][:, w:].any()
   bx = a[3][a[5]]
   np.testing.assert_allclose(f[3][f[5]], np.stack([w - bx[:, 2], bx[:, 1], w - bx[:, 0], bx[:, 3]], 1),
                              atol=1e-4)

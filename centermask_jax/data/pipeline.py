@@ -96,10 +96,13 @@ def _input_params(config, train: bool) -> dict:
   for c in (land, port):
     if c[0] % div or c[1] % div:
       raise ValueError(f"canvas {c} is not a multiple of {div}")
+  mean = np.asarray(_get(inp, "pixel_mean", (103.530, 116.280, 123.675)), np.float32)
+  std = np.asarray(_get(inp, "pixel_std", (1.0, 1.0, 1.0)), np.float32)
+  values = np.arange(256, dtype=np.float32)[None, :]
+  lut = np.ascontiguousarray((values - mean[:, None]) / std[:, None])  # [3, 256]
   return dict(
-      sizes=sizes, max_size=max_size, canvases=(land, port), divisibility=div, format=fmt,
-      mean=np.asarray(_get(inp, "pixel_mean", (103.530, 116.280, 123.675)), np.float32),
-      std=np.asarray(_get(inp, "pixel_std", (1.0, 1.0, 1.0)), np.float32),
+      lut=lut, sizes=sizes, max_size=max_size, canvases=(land, port), divisibility=div, format=fmt,
+
       flip=bool(_get(inp, "random_flip", True)) and train,
       m=int(_get(data, "max_instances", 100)), p=int(_get(data, "max_polygon_parts", 16)),
       v=int(_get(data, "max_polygon_vertices", 256)))
@@ -114,19 +117,24 @@ def _host_example(data, h0, w0, bbox, label, is_crowd, num_parts, poly_len, poly
   if hw[0] > canvas[0] or hw[1] > canvas[1]:
     raise ValueError(f"resized image {hw} does not fit canvas {canvas}")
   if flip:
-    img = np.ascontiguousarray(img[:, ::-1])
+    img = img[:, ::-1]
+  # Normalise straight into the zeroed canvas through a per-channel lookup table holding
+  # (float32(v) - mean) / std for v = 0..255: the same float32 ops as detectron2, per value.
+  x = np.zeros((canvas[0], canvas[1], 3), np.float32)
+  view = x[:hw[0], :hw[1]]
+  lut = prm["lut"]
+  for ch in range(3):
+    view[:, :, ch] = lut[ch][img[:, :, ch]]
   gt, counts = transforms.instance_targets(
       in_hw=(int(h0), int(w0)), out_hw=hw, flip=bool(flip), bbox=bbox, label=label,
       is_crowd=is_crowd, num_parts=num_parts, poly_len=poly_len, poly_xy=poly_xy,
       max_instances=prm["m"], max_parts=prm["p"], max_vertices=prm["v"])
-  return (img, np.asarray(hw, np.int32), np.asarray(orig_hw, np.int32), gt["gt_boxes"],
+  return (x, np.asarray(hw, np.int32), np.asarray(orig_hw, np.int32), gt["gt_boxes"],
           gt["gt_classes"], gt["gt_valid"], gt["gt_polys"], gt["gt_poly_len"], counts)
 
 
 def _example_fn(features, prm, train, seed):
   """(serialized, is_real, global index) -> contract example dict (+ '_counts')."""
-  mean = tf.constant(prm["mean"])
-  std = tf.constant(prm["std"])
   sizes = tf.constant(prm["sizes"], tf.int32)
   m, p, v = prm["m"], prm["p"], prm["v"]
 
@@ -145,18 +153,13 @@ def _example_fn(features, prm, train, seed):
         [ex["image"], ex["height"], ex["width"], tf.io.decode_raw(ex["bbox_f64"], tf.float64),
          obj["label"], obj["is_crowd"], obj["num_parts"], ex["poly_len"],
          tf.io.decode_raw(ex["poly_xy"], tf.float64), short, flip],
-        [tf.uint8, tf.int32, tf.int32, tf.float32, tf.int32, tf.bool, tf.float32, tf.int32,
+        [tf.float32, tf.int32, tf.int32, tf.float32, tf.int32, tf.bool, tf.float32, tf.int32,
          tf.int32], stateful=False)
     img, hw, orig_hw, boxes, classes, valid, polys, plen, counts = outs
     img.set_shape([None, None, 3])
     hw.set_shape([2])
     orig_hw.set_shape([2])
-    landscape = hw[1] > hw[0]
-    (hl, wl), (hp, wp) = prm["canvases"]
-    ch = tf.where(landscape, hl, hp)
-    cw = tf.where(landscape, wl, wp)
-    x = (tf.cast(img, tf.float32) - mean) / std
-    x = tf.pad(x, [[0, ch - hw[0]], [0, cw - hw[1]], [0, 0]])
+    x = img
     div = prm["divisibility"]
     valid = tf.logical_and(tf.reshape(valid, [m]), is_real)
     return dict(

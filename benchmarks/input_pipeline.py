@@ -1,0 +1,60 @@
+"""Train input pipeline throughput (images/s) at Lite (580/600, max 1000) and full
+(640..800, max 1333) sizes.
+
+  python benchmarks/input_pipeline.py [--data-dir DIR --name NAME] [--batches 40]
+
+Without --data-dir it builds ../shared/data/tiny_coco (real COCO JPEGs) into a temp dir,
+or the synthetic dataset if tiny_coco is absent.
+"""
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from centermask_jax import config as cfg_lib  # noqa: E402
+from centermask_jax.data import pipeline, prepare, synthetic  # noqa: E402
+
+TINY = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--data-dir")
+  p.add_argument("--name", default="tiny")
+  p.add_argument("--batches", type=int, default=40)
+  p.add_argument("--devices", type=int, default=1)
+  p.add_argument("--per-device-batch", type=int, default=8)
+  a = p.parse_args()
+  data_dir, name = a.data_dir, a.name
+  if data_dir is None:
+    data_dir = tempfile.mkdtemp()
+    if TINY.exists():
+      prepare.build_dataset("tiny", [
+          ("train", str(TINY / "annotations/instances_train2017.json"), str(TINY / "train2017"))],
+          data_dir, quiet=True)
+      name = "tiny"
+    else:
+      synthetic.prepare(data_dir, seed=0, quiet=True)
+      name = "synthetic"
+  print(f"dataset={name} cpus={os.cpu_count()} batch={a.devices}x{a.per_device_batch}")
+  for label, make in (("lite", lambda c: cfg_lib.lite(c)), ("full", lambda c: c)):
+    c = make(cfg_lib.base_config())
+    it = pipeline.make_train_iterator(c, data_dir, name, 0, a.devices, a.per_device_batch, 0, 1)
+    for _ in range(3):  # warm-up: graph build, autotune
+      next(it)
+    t = time.perf_counter()
+    for _ in range(a.batches):
+      b = next(it)
+    dt = time.perf_counter() - t
+    n = a.batches * a.devices * a.per_device_batch
+    print(f"{label}: short={tuple(c.input.min_size_train)} max={c.input.max_size_train} "
+          f"canvas={b['image'].shape[2:4]} images/s={n / dt:.1f}")
+
+
+if __name__ == "__main__":
+  main()
