@@ -113,7 +113,7 @@ def _host_example(data, h0, w0, bbox, label, is_crowd, num_parts, poly_len, poly
   """numpy_function body: one stored example -> resized image + contract GT arrays."""
   img, orig_hw, hw = transforms.resized_image_and_hw(
       bytes(data), int(short), prm["max_size"], prm["format"])
-  canvas = prm["canvases"][0 if hw[1] > hw[0] else 1]
+  canvas = prm["canvases"][0 if orig_hw[1] > orig_hw[0] else 1]  # group as the batching
   if hw[0] > canvas[0] or hw[1] > canvas[1]:
     raise ValueError(f"resized image {hw} does not fit canvas {canvas}")
   if flip:
@@ -159,11 +159,10 @@ def _example_fn(features, prm, train, seed):
     img.set_shape([None, None, 3])
     hw.set_shape([2])
     orig_hw.set_shape([2])
-    x = img
     div = prm["divisibility"]
     valid = tf.logical_and(tf.reshape(valid, [m]), is_real)
     return dict(
-        image=x, image_hw=hw, padded_hw=(hw + div - 1) // div * div, orig_hw=orig_hw,
+        image=img, image_hw=hw, padded_hw=(hw + div - 1) // div * div, orig_hw=orig_hw,
         image_id=tf.where(is_real, tf.cast(ex["image_id"], tf.int32), -1), is_real=is_real,
         gt_boxes=tf.reshape(boxes, [m, 4]), gt_classes=tf.reshape(classes, [m]),
         gt_valid=valid, gt_polys=tf.reshape(polys, [m, p, v, 2]),
