@@ -330,3 +330,18 @@ def test_non_coco_json_gives_one_clear_error(tmp_path, capsys, content, needle):
   err = capsys.readouterr().err
   assert rc == 2 and err.count("error:") == 1 and needle in err
   assert not (tmp_path / "out").exists()
+
+
+def test_coco_dir_layout_builds_same_counts(built, tiny_coco, tmp_path):
+  """tiny_coco has the COCO 2017 layout: --coco-dir gives the same per-split lines."""
+  _, out = built
+  rc, out2 = _run_cli(["--name", "coco2017", "--coco-dir", str(tiny_coco),
+                       "--data-dir", str(tmp_path)])
+  assert rc == 0
+  assert [m.group(0) for m in LINE.finditer(out2)] == [m.group(0) for m in LINE.finditer(out)]
+  info = pipeline.dataset_info(str(tmp_path), "coco2017")
+  with open(_json(str(tiny_coco), "train")) as f:
+    d = json.load(f)
+  usable = {a["image_id"] for a in d["annotations"] if not a["iscrowd"]}
+  assert info.num_images == {"train": len(d["images"]), "val": 50}
+  assert info.num_train_images == len(usable) < len(d["images"])

@@ -47,6 +47,7 @@ For the `coco2017` config place the official COCO 2017 files in `manual_dir`
 2017 Train/Val annotations).
 """
 
+BUILDER_CONFIGS_COCO = "coco2017"
 COCO2017_SPLITS = (
     ("train", "annotations/instances_train2017.json", "train2017"),
     ("val", "annotations/instances_val2017.json", "val2017"),

@@ -44,7 +44,11 @@ def build_dataset(name: str, splits: Sequence[Tuple[str, str, str]], data_dir: s
     raise ValueError(f"dataset name {name!r}: use letters, digits, '_', '-', '.'")
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   out_dir = dataset_dir(data_dir, name)
-  if coco_dir is not None:
+  if coco_dir is not None and name == coco_builder.BUILDER_CONFIGS_COCO:
+    config = name  # the builder's own manual_dir config
+    splits = [(s, os.path.join(coco_dir, j), os.path.join(coco_dir, i))
+              for s, j, i in coco_builder.COCO2017_SPLITS]
+  elif coco_dir is not None:
     config = coco_builder.CocoInstancesConfig(
         name=name, version=coco_builder.VERSION, splits=coco_builder.COCO2017_SPLITS,
         use_manual_dir=True, description="COCO 2017 instances")
