@@ -121,7 +121,7 @@ def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS):
     metrics["num_pos"] = metrics["num_pos"] * jax.lax.psum(1, axis_name)
     metrics["num_fg"] = metrics["num_fg"] * jax.lax.psum(1, axis_name)
   metrics["lr"] = lr_fn(state["step"])
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   new_state = {"step": state["step"] + 1, "params": params, "frozen_bn": state["frozen_bn"],
                "opt_state": opt_state}
   return new_state, metrics
@@ -140,7 +140,7 @@ def replicate(tree, devices=None):
   devices = devices or jax.local_devices()
   stacked = jax.tree_util.tree_map(
       lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
-  return jax.pmap(lambda x: x, devices=devices)(stacked)
+  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(stacked)  # same sharding as the step
 
 
 def unreplicate(tree):

@@ -1,0 +1,208 @@
+"""`train_and_evaluate(config, workdir)`: the CenterMask training loop.
+
+Sections (logged as banners): devices, input, model + optimiser, update step,
+checkpoint, loop. A rerun with the same workdir resumes from its latest checkpoint
+(parameters, optimiser state, step and data position). Metrics go to TensorBoard
+(WORKDIR/tb) and a tqdm bar shows progress and ETA. A non-finite loss stops the run
+with the step number; the last good checkpoint is kept (nothing is saved after it).
+"""
+import logging
+import math
+import os
+import time
+from typing import Any, Dict, Iterator, Optional
+
+import jax
+import numpy as np
+
+from centermask_jax.models.centermask import CenterMask, count_values
+from centermask_jax.training import checkpointing, optimizer as opt_lib, step as step_lib
+
+log = logging.getLogger("centermask_jax.train")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+def banner(title: str):
+  line = f"==== {title} " + "=" * max(0, 66 - len(title))
+  log.info(line)
+  if jax.process_index() == 0:
+    print(line, flush=True)
+
+
+def _say(msg: str):
+  log.info(msg)
+  if jax.process_index() == 0:
+    print("  " + msg, flush=True)
+
+
+def init_variables(model: CenterMask, config, rng):
+  """Random (spec init) variables, then config.weights if set (ImageNet -> backbone only)."""
+  variables = model.init(rng, (128, 128))
+  variables = jax.tree_util.tree_map(np.asarray, variables)
+  path = str(config.get("weights", "") or "")
+  if not path:
+    _say("init: from scratch (spec initialisation)")
+    return variables
+  from centermask_jax.checkpoints import io as ckpt_io, official
+  if os.path.isdir(path):
+    _say(f"init: all variables from {path}")
+    return ckpt_io.load_model_variables(path, model)
+  keys = official.read_state_dict(path)
+  if any(k.startswith("proposal_generator.") for k in keys):
+    _say(f"init: every part from the detector checkpoint {path}")
+    return official.import_checkpoint(variables, path)
+  _say(f"init: backbone.bottom_up from the ImageNet checkpoint {path}; the rest from scratch")
+  return official.import_checkpoint(variables, path, prefixes=("backbone.bottom_up.",))
+
+
+def _make_iterator(config, d, b):
+  from centermask_jax.data import pipeline
+  data_dir = os.path.expanduser(config.data.data_dir)
+  info = pipeline.dataset_info(data_dir, config.data.name)
+  if info.num_classes != config.model.num_classes:
+    raise ValueError(f"dataset {config.data.name!r} has {info.num_classes} classes but "
+                     f"config.model.num_classes = {config.model.num_classes}")
+  _say(f"dataset {info.name} at {info.path}: {info.num_train_images} usable train images, "
+       f"{info.num_classes} classes")
+  return pipeline.make_train_iterator(config, data_dir, config.data.name, int(config.train.seed),
+                                      d, b)
+
+
+def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = None,
+                       num_steps: Optional[int] = None, async_checkpoints: bool = True,
+                       quiet: bool = False) -> Dict[str, Any]:
+  """Trains until config.optim.max_iter (or `num_steps` more steps, for tests/tools).
+
+  train_iter: optional iterator of [D, B, ...] batches with get_state()/set_state()
+  (default: the config's dataset through `data.pipeline`).
+  Returns {"step", "state" (host, unreplicated), "metrics" (last step, floats)}.
+  """
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  t = config.train
+  max_iter = int(config.optim.max_iter)
+
+  banner("devices")
+  devices = jax.local_devices()
+  d = len(devices)
+  pc = jax.process_count()
+  global_batch = int(t.global_batch)
+  if global_batch % (d * pc):
+    raise ValueError(f"train.global_batch={global_batch} is not divisible by "
+                     f"{d * pc} devices ({pc} processes x {d} local)")
+  b = global_batch // (d * pc)
+  _say(f"process {jax.process_index()}/{pc}, {d} local devices ({devices[0].platform}), "
+       f"{jax.device_count()} total; per-device batch {b}, global batch {global_batch}")
+
+  banner("input")
+  if train_iter is None:
+    train_iter = _make_iterator(config, d, b)
+  else:
+    _say("using the given train iterator")
+
+  banner("model + optimiser")
+  model = CenterMask(config)
+  rng = jax.random.PRNGKey(int(t.seed))
+  init_rng, step_rng = jax.random.split(rng)
+  variables = init_variables(model, config, init_rng)
+  tx = opt_lib.make_optimizer(config, variables["params"])
+  lr_fn = opt_lib.lr_schedule(config)
+  _say(f"{config.get('name', '')}: backbone {config.model.backbone.variant}, "
+       f"{count_values(variables) / 1e6:.2f} M values, {config.model.num_classes} classes")
+  _say(f"SGD momentum {config.optim.momentum}, wd {config.optim.weight_decay}, "
+       f"lr {opt_lib.scaled_base_lr(config):g} (= {config.optim.base_lr:g} x {global_batch}/"
+       f"{config.optim.ims_per_batch}), warmup {config.optim.warmup_iters}, steps "
+       f"{tuple(config.optim.steps)}, max_iter {max_iter}, bf16 {bool(t.bf16)}")
+  frozen = opt_lib.frozen_prefixes(config)
+  if frozen:
+    _say(f"frozen parameters: {frozen}")
+  state = step_lib.init_state(variables["params"], variables["frozen_bn"], tx)
+
+  banner("checkpoint")
+  mgr = checkpointing.make_manager(workdir, keep=int(t.keep_checkpoints),
+                                   async_save=async_checkpoints)
+  restored = checkpointing.restore_latest(mgr, state)
+  if restored is not None:
+    start, state, data_state = restored
+    train_iter.set_state(data_state)
+    _say(f"resumed from {checkpointing.checkpoint_dir(workdir)}/{start} "
+         f"(data position {data_state})")
+  else:
+    start = 0
+    _say(f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}: starting at step 0")
+  end = max_iter if num_steps is None else min(max_iter, start + int(num_steps))
+
+  banner("update step")
+  p_step = step_lib.make_train_step(model, config, tx, lr_fn, devices=devices)
+  rstate = step_lib.replicate(state, devices)
+  del state
+  _say(f"pmapped over {d} devices, axis 'batch', state donated")
+
+  banner("loop")
+  writer = None
+  if jax.process_index() == 0:
+    from tensorboardX import SummaryWriter
+    writer = SummaryWriter(os.path.join(workdir, "tb"))
+  bar = None
+  if jax.process_index() == 0 and not quiet:
+    from tqdm import tqdm
+    bar = tqdm(total=end, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
+  last = {}
+  every = int(t.checkpoint_every)
+  log_every = max(1, int(t.log_every))
+  eval_every = int(t.get("eval_every", 0) or 0)
+  t_last, n_last = time.time(), 0
+  step = start
+  try:
+    while step < end:
+      batch = next(train_iter)
+      t0 = time.time()
+      rstate, metrics = p_step(rstate, batch, step_rng)
+      metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+      step += 1
+      if not math.isfinite(metrics["total_loss"]):
+        mgr.wait_until_finished()
+        good = mgr.latest_step()
+        raise NonFiniteLossError(
+            f"non-finite total loss {metrics['total_loss']} at step {step} (losses: "
+            + ", ".join(f"{k}={metrics[k]:.4g}" for k in step_lib.LOSS_KEYS)
+            + "); training stopped. Last good checkpoint: "
+            + (f"{checkpointing.checkpoint_dir(workdir)}/{good}" if good is not None
+               else "none") + ". Lower optim.base_lr or check the data.")
+      last = metrics
+      n_last += 1
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['total_loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+      if step % log_every == 0 or step == end:
+        dt = (time.time() - t_last) / max(n_last, 1)
+        if writer is not None:
+          for k, v in metrics.items():
+            writer.add_scalar(f"train/{k}", v, step)
+          writer.add_scalar("train/step_time_s", dt, step)
+          writer.add_scalar("train/images_per_s", global_batch / max(dt, 1e-9), step)
+          writer.flush()
+        log.info("step %d: %s", step, {k: round(v, 5) for k, v in metrics.items()})
+        t_last, n_last = time.time(), 0
+      del t0
+      if (every and step % every == 0) or step == end:
+        checkpointing.save(mgr, step, step_lib.unreplicate(rstate), train_iter.get_state(),
+                           config)
+      if eval_every and step % eval_every == 0:
+        _say(f"step {step}: periodic evaluation hook (no evaluator wired yet; use eval.py "
+             "on the checkpoint)")
+  finally:
+    mgr.wait_until_finished()
+    mgr.close()
+    if bar is not None:
+      bar.close()
+    if writer is not None:
+      writer.close()
+  host_state = jax.tree_util.tree_map(np.asarray, jax.device_get(step_lib.unreplicate(rstate)))
+  if jax.process_index() == 0 and last:
+    print(f"  done at step {step}: total loss {last['total_loss']:.4f}; checkpoints in "
+          f"{checkpointing.checkpoint_dir(workdir)}", flush=True)
+  return {"step": step, "state": host_state, "metrics": last}

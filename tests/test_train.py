@@ -1,0 +1,211 @@
+"""Training: device-count invariance, resume exactness, no recompilation, NaN stop, optimiser."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from centermask_jax.config import base_config, lite, vovnet
+from centermask_jax.models.centermask import CenterMask
+from centermask_jax.training import optimizer as O
+from centermask_jax.training import step as S
+from centermask_jax.training import trainer
+
+M = 4  # GT slots
+
+
+def tiny_config():
+  c = base_config()
+  lite(c)
+  vovnet(c, "V-19-slim-dw-eSE")
+  c.model.num_classes = 5
+  c.model.fpn_channels = 32
+  c.model.mask_head.conv_dim = 32
+  c.model.maskiou_head.conv_dim = 32
+  c.model.fcos.post_nms_topk_train = 16
+  c.model.fcos.pre_nms_topk = 100
+  c.model.roi.max_fg_per_image = 20  # = 16 proposals + 4 GT: never capped (deterministic)
+  c.data.max_instances = M
+  c.data.max_polygon_parts = 1
+  c.data.max_polygon_vertices = 8
+  c.train.global_batch = 4
+  c.optim.base_lr = 0.004
+  c.optim.warmup_iters = 2
+  c.optim.max_iter = 100
+  c.train.checkpoint_every = 3
+  c.train.log_every = 1
+  return c
+
+
+def make_batch(n, seed, hw=128):
+  """n images [n, ...] of random noise with M-1 rectangle instances each."""
+  r = np.random.RandomState(seed)
+  img = r.randn(n, hw, hw, 3).astype(np.float32)
+  x0 = r.uniform(0, hw / 2, (n, M))
+  y0 = r.uniform(0, hw / 2, (n, M))
+  w = r.uniform(16, hw / 2, (n, M))
+  h = r.uniform(16, hw / 2, (n, M))
+  boxes = np.stack([x0, y0, x0 + w, y0 + h], -1).astype(np.float32)
+  polys = np.zeros((n, M, 1, 8, 2), np.float32)
+  polys[:, :, 0, :4] = np.stack([boxes[..., [0, 1]], boxes[..., [2, 1]], boxes[..., [2, 3]],
+                                 boxes[..., [0, 3]]], 2)
+  valid = np.tile(np.arange(M) < M - 1, (n, 1))
+  return dict(image=img, image_hw=np.full((n, 2), hw, np.int32),
+              padded_hw=np.full((n, 2), hw, np.int32),
+              gt_boxes=boxes * valid[..., None], gt_classes=r.randint(0, 5, (n, M)).astype(np.int32),
+              gt_valid=valid, gt_polys=polys * valid[..., None, None, None],
+              gt_poly_len=np.where(valid, 4, 0)[..., None].astype(np.int32))
+
+
+def split(batch, d):
+  return {k: v.reshape((d, v.shape[0] // d) + v.shape[1:]) for k, v in batch.items()}
+
+
+class FakeIterator:
+  """Deterministic batches as a pure function of the step (like the data pipeline)."""
+
+  def __init__(self, d, b, nan_at=None):
+    self.d, self.b, self.step, self.nan_at = d, b, 0, nan_at
+
+  def __next__(self):
+    batch = split(make_batch(self.d * self.b, 100 + self.step), self.d)
+    self.step += 1
+    if self.nan_at is not None and self.step == self.nan_at:
+      batch["image"] = np.full_like(batch["image"], np.nan)
+    return batch
+
+  def get_state(self):
+    return {"step": self.step}
+
+  def set_state(self, s):
+    self.step = int(s["step"])
+
+
+@pytest.fixture(scope="module")
+def setup():
+  c = tiny_config()
+  model = CenterMask(c)
+  v = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(0), (128, 128)))
+  return c, model, v
+
+
+def _loss_and_grads(c, model, v, batch, devices):
+  d = len(devices)
+  fn = functools.partial(S.loss_fn, model=model, config=c, axis_name="batch")
+
+  def per_device(p, fb, bt, rng):
+    (tot, aux), g = jax.value_and_grad(fn, has_aux=True)(p, fb, bt, rng)
+    return jax.lax.pmean((tot, g), "batch")
+  rep = lambda t: S.replicate(t, devices)
+  tot, g = jax.pmap(per_device, axis_name="batch", devices=devices, in_axes=(0, 0, 0, None))(
+      rep(v["params"]), rep(v["frozen_bn"]), split(batch, d), jax.random.PRNGKey(3))
+  return float(tot[0]), jax.tree_util.tree_map(lambda x: np.asarray(x[0]), g)
+
+
+def test_four_devices_match_one(setup):
+  c, model, v = setup
+  assert jax.local_device_count() == 4
+  batch = make_batch(4, 0)
+  l4, g4 = _loss_and_grads(c, model, v, batch, jax.local_devices())
+  l1, g1 = _loss_and_grads(c, model, v, batch, jax.local_devices()[:1])
+  assert np.isfinite(l1) and l1 > 0.5
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  flat4, flat1 = jax.tree_util.tree_leaves(g4), jax.tree_util.tree_leaves(g1)
+  scale = max(float(np.max(np.abs(x))) for x in flat1)
+  assert scale > 0
+  for a, b in zip(flat4, flat1):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_resume_is_exact_and_no_recompile(setup, tmp_path):
+  c = setup[0]
+  full = trainer.train_and_evaluate(c, str(tmp_path / "a"), FakeIterator(4, 1), num_steps=6,
+                                    async_checkpoints=False, quiet=True)
+  part = trainer.train_and_evaluate(c, str(tmp_path / "b"), FakeIterator(4, 1), num_steps=3,
+                                    async_checkpoints=False, quiet=True)
+  assert part["step"] == 3
+  rest = trainer.train_and_evaluate(c, str(tmp_path / "b"), FakeIterator(4, 1), num_steps=3,
+                                    async_checkpoints=False, quiet=True)
+  assert full["step"] == rest["step"] == 6
+  assert np.isfinite(full["metrics"]["total_loss"])
+  for a, b in zip(jax.tree_util.tree_leaves(full["state"]),
+                  jax.tree_util.tree_leaves(rest["state"])):
+    np.testing.assert_array_equal(a, b)
+  # params moved away from init
+  p0 = jax.tree_util.tree_leaves(setup[2]["params"])
+  p6 = jax.tree_util.tree_leaves(full["state"]["params"])
+  assert max(float(np.max(np.abs(a - b))) for a, b in zip(p0, p6)) > 1e-6
+
+
+def test_step_does_not_recompile(setup):
+  c, model, v = setup
+  tx = O.make_optimizer(c, v["params"])
+  p_step = S.make_train_step(model, c, tx, O.lr_schedule(c))
+  state = S.replicate(S.init_state(v["params"], v["frozen_bn"], tx))
+  it = FakeIterator(4, 1)
+  state, m1 = p_step(state, next(it), jax.random.PRNGKey(0))
+  jax.block_until_ready(m1)
+  traces = S.TRACES["train_step"]
+  state, m2 = p_step(state, next(it), jax.random.PRNGKey(0))
+  jax.block_until_ready(m2)
+  assert S.TRACES["train_step"] == traces
+  assert int(state["step"][0]) == 2
+  assert np.isfinite(float(m2["total_loss"][0])) and float(m2["lr"][0]) > float(m1["lr"][0])
+
+
+def test_nan_loss_stops_with_step(setup, tmp_path):
+  c = setup[0]
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 5 .*Last good checkpoint: "
+                     r".*checkpoints/3"):
+    trainer.train_and_evaluate(c, str(tmp_path / "n"), FakeIterator(4, 1, nan_at=5),
+                               num_steps=6, async_checkpoints=False, quiet=True)
+
+
+def test_schedule_and_decay_masks(setup):
+  c, _, v = setup
+  c = tiny_config()
+  c.optim.warmup_iters = 10
+  c.optim.steps = (20, 30)
+  c.train.global_batch = 8
+  c.optim.ims_per_batch = 16
+  c.optim.base_lr = 0.02
+  lr = O.lr_schedule(c)
+  base = 0.01  # 0.02 * 8 / 16
+  np.testing.assert_allclose(float(lr(0)), base * 0.001, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(5)), base * (0.001 * 0.5 + 0.5), rtol=1e-6)
+  np.testing.assert_allclose(float(lr(10)), base, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(20)), base * 0.1, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(35)), base * 0.01, rtol=1e-6)
+  mask = O.decay_mask(v["params"])
+  from flax import traverse_util
+  flat = {".".join(k): m for k, m in traverse_util.flatten_dict(mask).items()}
+  assert not flat["proposal_generator.fcos_head.cls_tower.1.scale"]
+  assert not flat["proposal_generator.fcos_head.cls_tower.1.bias"]
+  assert flat["proposal_generator.fcos_head.cls_tower.0.bias"]
+  assert flat["proposal_generator.fcos_head.scales.0.scalar"]
+  # one SGD step by hand: p - lr * (g + wd p) for a decayed leaf, p - lr * g for a GN leaf
+  tx = O.make_optimizer(c, v["params"])
+  g = jax.tree_util.tree_map(np.ones_like, v["params"])
+  upd, _ = tx.update(g, tx.init(v["params"]), v["params"])
+  fu = traverse_util.flatten_dict(upd)
+  fp = traverse_util.flatten_dict(v["params"])
+  k1 = next(k for k in fp if ".".join(k) == "proposal_generator.fcos_head.scales.0.scalar")
+  k2 = next(k for k in fp if ".".join(k) == "proposal_generator.fcos_head.cls_tower.1.scale")
+  np.testing.assert_allclose(fu[k1], -base * 0.001 * (1 + 1e-4 * fp[k1]), rtol=1e-5)
+  np.testing.assert_allclose(fu[k2], -base * 0.001 * np.ones_like(fp[k2]), rtol=1e-5)
+
+
+def test_frozen_resnet_stages_get_zero_updates():
+  c = base_config()
+  from centermask_jax.config import resnet
+  resnet(c, 50)
+  params = {"backbone": {"bottom_up": {"stem": {"conv1": {"kernel": np.ones(3, np.float32)}},
+                                       "res2": {"0": {"kernel": np.ones(3, np.float32)}},
+                                       "res3": {"0": {"kernel": np.ones(3, np.float32)}}}}}
+  tx = O.make_optimizer(c, params)
+  upd, _ = tx.update(jax.tree_util.tree_map(np.ones_like, params), tx.init(params), params)
+  bu = upd["backbone"]["bottom_up"]
+  assert np.all(np.asarray(bu["stem"]["conv1"]["kernel"]) == 0)
+  assert np.all(np.asarray(bu["res2"]["0"]["kernel"]) == 0)
+  assert np.all(np.asarray(bu["res3"]["0"]["kernel"]) < 0)
