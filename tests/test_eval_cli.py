@@ -1,0 +1,118 @@
+"""Evaluator / eval.py / demo.py end to end on a tiny_coco val subset with a tiny random model."""
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from centermask_jax.config import load_config
+from centermask_jax.evaluation import evaluator as evaluator_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py")
+# 4 landscape images + 1 portrait (two canvas groups); 5 images on 4 devices -> dummies.
+SUBSET = (397133, 37777, 252219, 403385, 6818)
+NAME = "tiny_sub"
+SMALL = {"input.min_size_test": 128, "input.max_size_test": 160,
+         "model.fcos.pre_nms_topk": 200, "model.fcos.post_nms_topk_test": 20}
+
+
+def _config(**over):
+  return load_config(CONFIG, {**SMALL, **over})
+
+
+@pytest.fixture(scope="module")
+def data(tiny_coco, tmp_path_factory):
+  from centermask_jax.data import prepare
+  root = tmp_path_factory.mktemp("evaldata")
+  src = json.loads((tiny_coco / "annotations" / "instances_val2017.json").read_text())
+  keep = set(SUBSET)
+  src["images"] = [im for im in src["images"] if im["id"] in keep]
+  src["annotations"] = [a for a in src["annotations"] if a["image_id"] in keep]
+  js = root / "val.json"
+  js.write_text(json.dumps(src))
+  prepare.build_dataset(NAME, [("val", str(js), str(tiny_coco / "val2017"))],
+                        str(root / "tfds"), quiet=True)
+  return root / "tfds"
+
+
+@pytest.fixture(scope="module")
+def variables():
+  from centermask_jax.models.centermask import CenterMask
+  return CenterMask(_config()).init(jax.random.PRNGKey(0))
+
+
+def _results(d):
+  return (json.loads((d / "bbox_results.json").read_text()),
+          json.loads((d / "segm_results.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def four_dev(data, variables, tmp_path_factory):
+  """Random model (class threshold lowered so it detects) on 4 devices, per-device batch 1."""
+  out = tmp_path_factory.mktemp("eval4")
+  cfg = _config(**{"model.fcos.inference_th": 0.005})
+  metrics = evaluator_lib.run_evaluation(cfg, variables, str(data), NAME, str(out),
+                                         progress=False, verbose=False)
+  return out, metrics
+
+
+def test_eval_writes_loadable_results_each_image_once(four_dev, data):
+  out, metrics = four_dev
+  bbox, segm = _results(out)
+  assert len(bbox) == len(segm) > 0
+  per_image = {}
+  for r in bbox:
+    per_image[r["image_id"]] = per_image.get(r["image_id"], 0) + 1
+  assert set(per_image) <= set(SUBSET)
+  assert max(per_image.values()) <= 20  # post_nms_topk_test
+  from centermask_jax.data import pipeline
+  info = pipeline.dataset_info(str(data), NAME)
+  gt = COCO(info.gt_json["val"])
+  assert sorted(gt.getImgIds()) == sorted(SUBSET)
+  coco_ids = set(gt.getCatIds())
+  assert {r["category_id"] for r in bbox} <= coco_ids
+  # masks at original size, string counts, loadable; segm score = mask score.
+  dt = gt.loadRes(segm)
+  assert len(dt.getAnnIds()) == len(segm)
+  for r in segm[:20]:
+    im = gt.imgs[r["image_id"]]
+    assert r["segmentation"]["size"] == [im["height"], im["width"]]
+    assert isinstance(r["segmentation"]["counts"], str)
+  gt.loadRes(bbox)
+  saved = json.loads((out / "metrics.json").read_text())
+  assert set(saved) == {"bbox", "segm"}
+  for t in ("bbox", "segm"):
+    assert 0.0 <= metrics[t]["AP"] < 5.0  # random weights
+    assert saved[t]["AP"] == pytest.approx(metrics[t]["AP"])
+
+
+def test_one_device_equals_four(four_dev, data, variables, tmp_path):
+  cfg = _config(**{"model.fcos.inference_th": 0.005})
+  metrics = evaluator_lib.run_evaluation(cfg, variables, str(data), NAME, str(tmp_path),
+                                         devices=jax.local_devices()[:1], progress=False,
+                                         verbose=False)
+  key = lambda r: (r["image_id"], -r["score"], r["category_id"])
+  for a, b in zip(_results(four_dev[0]), _results(tmp_path)):
+    a, b = sorted(a, key=key), sorted(b, key=key)
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+      assert ra["image_id"] == rb["image_id"] and ra["category_id"] == rb["category_id"]
+      assert ra["score"] == pytest.approx(rb["score"], rel=1e-4, abs=1e-6)
+      if "bbox" in ra:
+        np.testing.assert_allclose(ra["bbox"], rb["bbox"], rtol=1e-4, atol=1e-3)
+  for t in ("bbox", "segm"):
+    assert metrics[t]["AP"] == pytest.approx(four_dev[1][t]["AP"], abs=1e-6)
+
+
+def test_zero_detections_give_ap_zero(data, variables, tmp_path):
+  cfg = _config(**{"model.fcos.inference_th": 1.1})
+  metrics = evaluator_lib.run_evaluation(cfg, variables, str(data), NAME, str(tmp_path),
+                                         progress=False, verbose=False)
+  assert _results(tmp_path) == ([], [])
+  for t in ("bbox", "segm"):
+    assert metrics[t]["AP"] == 0.0 and metrics[t]["AP50"] == 0.0
