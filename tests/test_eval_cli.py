@@ -1,6 +1,7 @@
 """Evaluator / eval.py / demo.py end to end on a tiny_coco val subset with a tiny random model."""
 import json
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,8 @@ from centermask_jax.config import load_config
 from centermask_jax.evaluation import evaluator as evaluator_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # eval.py / demo.py live at the repo root
+  sys.path.insert(0, str(REPO))
 CONFIG = str(REPO / "configs" / "centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py")
 # 4 landscape images + 1 portrait (two canvas groups); 5 images on 4 devices -> dummies.
 SUBSET = (397133, 37777, 252219, 403385, 6818)
@@ -109,10 +112,63 @@ def test_one_device_equals_four(four_dev, data, variables, tmp_path):
     assert metrics[t]["AP"] == pytest.approx(four_dev[1][t]["AP"], abs=1e-6)
 
 
-def test_zero_detections_give_ap_zero(data, variables, tmp_path):
-  cfg = _config(**{"model.fcos.inference_th": 1.1})
-  metrics = evaluator_lib.run_evaluation(cfg, variables, str(data), NAME, str(tmp_path),
-                                         progress=False, verbose=False)
-  assert _results(tmp_path) == ([], [])
+@pytest.fixture(scope="module")
+def checkpoint(variables, tmp_path_factory):
+  from centermask_jax.checkpoints import io
+  path = tmp_path_factory.mktemp("ckpt") / "model"
+  io.save_variables(str(path), variables, _config())
+  return path
+
+
+def _small_flags(**over):
+  return [f"--config.{k}={v!r}" for k, v in {**SMALL, **over}.items()]
+
+
+def test_eval_cli_zero_detections_give_ap_zero(data, checkpoint, tmp_path, capsys):
+  """eval.py on a model that detects nothing (class threshold 1.1): empty results, AP 0."""
+  import eval as eval_cli
+  out = tmp_path / "ev"
+  rc = eval_cli.main(["--config", CONFIG, "--checkpoint", str(checkpoint), "--workdir",
+                      str(out), "--data_dir", str(data), "--dataset", NAME, "--no_progress"]
+                     + _small_flags(**{"model.fcos.inference_th": 1.1}))
+  assert rc == 0
+  assert _results(out) == ([], [])
+  saved = json.loads((out / "metrics.json").read_text())
   for t in ("bbox", "segm"):
-    assert metrics[t]["AP"] == 0.0 and metrics[t]["AP50"] == 0.0
+    assert saved[t]["AP"] == 0.0 and saved[t]["AP50"] == 0.0 and saved[t]["APl"] == 0.0
+  printed = capsys.readouterr().out
+  assert "Evaluated 5 images" in printed
+  assert "Evaluation results for segm" in printed and "Per-category segm AP" in printed
+
+
+def test_eval_cli_rejects_unknown_config_key(checkpoint, tmp_path, capsys):
+  import eval as eval_cli
+  rc = eval_cli.main(["--config", CONFIG, "--checkpoint", str(checkpoint), "--workdir",
+                      str(tmp_path), "--config.model.no_such_key=1"])
+  assert rc == 2 and "no_such_key" in capsys.readouterr().err
+
+
+def test_demo_writes_png_of_image_size_and_json(tiny_coco, checkpoint, tmp_path):
+  import demo
+  img = tiny_coco / "val2017" / "000000037777.jpg"  # 352 x 230
+  out = tmp_path / "demo"
+  rc = demo.main(["--config", CONFIG, "--checkpoint", str(checkpoint), "--input", str(img),
+                  "--output", str(out), "--score-thresh", "0.0"]
+                 + _small_flags(**{"model.fcos.inference_th": 0.005}))
+  assert rc == 0
+  png = Image.open(out / "000000037777.png")
+  assert png.size == (352, 230) and png.mode == "RGB"
+  pred = json.loads((out / "000000037777.json").read_text())
+  assert (pred["height"], pred["width"]) == (230, 352)
+  assert 0 < len(pred["instances"]) <= 20
+  from centermask_jax.ops.masks import decode_masks
+  m = decode_masks([pred["instances"][0]["segmentation"]])
+  assert m.shape == (1, 230, 352)
+  names = dict(demo.COCO_CATEGORIES)
+  for inst in pred["instances"]:
+    assert names[inst["category_id"]] == inst["category_name"]
+    x0, y0, x1, y1 = inst["bbox_xyxy"]
+    assert 0 <= x0 <= x1 <= 352 and 0 <= y0 <= y1 <= 230
+  # overlay differs from the image where something was drawn
+  orig = np.asarray(Image.open(img).convert("RGB"))
+  assert np.any(np.asarray(png) != orig)

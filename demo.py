@@ -1,0 +1,156 @@
+"""Run a model on images and write overlays + predictions.
+
+  python demo.py --config configs/NAME.py --checkpoint PATH --input IMG [IMG|DIR|GLOB ...] \
+      --output DIR [--score-thresh 0.5] [--data_dir D --dataset NAME] [--config.key=value ...]
+
+For every input image: DIR/<stem>.png (coloured masks, boxes, 'class score' labels of the
+instances with score >= --score-thresh) and DIR/<stem>.json (those instances: box xyxy in
+original pixels, score, mask_score, class, category_id, category name, mask as COCO RLE).
+Class names come from the prepared dataset (--data_dir/--dataset) when given, otherwise the
+COCO names for 80-class models, otherwise class indices.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+COCO_CATEGORIES = (  # (id, name) of the 80 COCO instance categories, sorted by id
+    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
+    (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"),
+    (13, "stop sign"), (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"),
+    (18, "dog"), (19, "horse"), (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"),
+    (24, "zebra"), (25, "giraffe"), (27, "backpack"), (28, "umbrella"), (31, "handbag"),
+    (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"),
+    (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"),
+    (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"),
+    (46, "wine glass"), (47, "cup"), (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"),
+    (52, "banana"), (53, "apple"), (54, "sandwich"), (55, "orange"), (56, "broccoli"),
+    (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"), (61, "cake"), (62, "chair"),
+    (63, "couch"), (64, "potted plant"), (65, "bed"), (67, "dining table"), (70, "toilet"),
+    (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"), (76, "keyboard"),
+    (77, "cell phone"), (78, "microwave"), (79, "oven"), (80, "toaster"), (81, "sink"),
+    (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"),
+    (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"))
+
+
+def expand_inputs(items):
+  """Files, directories (their images, sorted) and globs -> sorted unique image paths."""
+  out = []
+  for item in items:
+    if os.path.isdir(item):
+      out += [os.path.join(item, f) for f in sorted(os.listdir(item))
+              if f.lower().endswith(IMAGE_EXTS)]
+    elif os.path.isfile(item):
+      out.append(item)
+    else:
+      hits = sorted(p for p in glob.glob(item, recursive=True)
+                    if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTS))
+      if not hits:
+        raise FileNotFoundError(f"no image matches {item!r}")
+      out += hits
+  seen, uniq = set(), []
+  for p in out:
+    a = os.path.abspath(p)
+    if a not in seen:
+      seen.add(a)
+      uniq.append(p)
+  return uniq
+
+
+def class_table(num_classes, data_dir=None, dataset=None):
+  """-> (names, category ids) indexed by contiguous label."""
+  if dataset:
+    from centermask_jax.data import pipeline
+    info = pipeline.dataset_info(os.path.expanduser(data_dir), dataset)
+    if info.num_classes != num_classes:
+      raise ValueError(f"dataset {dataset!r} has {info.num_classes} classes, the model "
+                       f"{num_classes}")
+    return list(info.class_names), list(info.label_to_category_id)
+  if num_classes == len(COCO_CATEGORIES):
+    return [n for _, n in COCO_CATEGORIES], [c for c, _ in COCO_CATEGORIES]
+  return [str(i) for i in range(num_classes)], list(range(num_classes))
+
+
+def load_rgb(path):
+  from PIL import Image, ImageOps
+  with Image.open(path) as im:
+    return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def predictions_json(path, image, pred, keep, names, cat_ids):
+  from centermask_jax.ops.masks import encode_masks
+  h, w = image.shape[:2]
+  rles = encode_masks(pred["masks"][keep]) if keep.size else []
+  inst = []
+  for j, i in enumerate(keep):
+    c = int(pred["classes"][i])
+    inst.append({
+        "bbox_xyxy": [float(v) for v in pred["boxes"][i]],
+        "score": float(pred["scores"][i]),
+        "mask_score": float(pred["mask_scores"][i]),
+        "class": c, "category_id": int(cat_ids[c]), "category_name": names[c],
+        "segmentation": rles[j]})
+  return {"image": os.path.abspath(path), "height": h, "width": w, "instances": inst}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True)
+  p.add_argument("--checkpoint", required=True, help="checkpoint dir, train workdir or .pth/.pkl")
+  p.add_argument("--input", required=True, nargs="+", help="images, directories or globs")
+  p.add_argument("--output", required=True, help="output directory")
+  p.add_argument("--score-thresh", "--score_thresh", type=float, default=0.5)
+  p.add_argument("--data_dir", "--data-dir", default=None,
+                 help="with --dataset: take class names from this prepared dataset")
+  p.add_argument("--dataset", default=None)
+  args, extra = p.parse_known_args(argv)
+
+  from eval import parse_overrides
+  from centermask_jax.config import load_config
+  try:
+    cfg = load_config(args.config, parse_overrides(extra))
+    paths = expand_inputs(args.input)
+  except (KeyError, FileNotFoundError, TypeError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  from PIL import Image
+
+  from centermask_jax.checkpoints.io import load_model_variables
+  from centermask_jax.models.centermask import CenterMask
+  from centermask_jax.predictor import Predictor
+  from centermask_jax.visualize import draw_instances
+
+  names, cat_ids = class_table(cfg.model.num_classes, args.data_dir or cfg.data.data_dir,
+                               args.dataset)
+  model = CenterMask(cfg)
+  predictor = Predictor(cfg, load_model_variables(args.checkpoint, model), model)
+  os.makedirs(args.output, exist_ok=True)
+  used = set()
+  for path in paths:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    base, k = stem, 1
+    while base in used:  # same file name from different folders
+      base, k = f"{stem}_{k}", k + 1
+    used.add(base)
+    image = load_rgb(path)
+    pred = predictor(image)
+    keep = np.nonzero(pred["scores"] >= args.score_thresh)[0]
+    overlay = draw_instances(image, pred["boxes"][keep], pred["classes"][keep],
+                             pred["scores"][keep], pred["masks"][keep], class_names=names,
+                             score_thresh=args.score_thresh)
+    Image.fromarray(overlay).save(os.path.join(args.output, base + ".png"))
+    with open(os.path.join(args.output, base + ".json"), "w") as f:
+      json.dump(predictions_json(path, image, pred, keep, names, cat_ids), f)
+    print(f"{path}: {keep.size} instance(s) >= {args.score_thresh} "
+          f"-> {os.path.join(args.output, base)}.png/.json", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,88 @@
+"""Evaluate a checkpoint on a prepared COCO-format dataset split with pycocotools.
+
+  python eval.py --config configs/NAME.py --checkpoint PATH --workdir DIR \
+      [--data_dir DIR] [--dataset NAME] [--split val] [--per_device_batch 1] \
+      [--config.key=value ...]
+
+PATH: a model checkpoint directory (tools/import_weights), a train.py workdir (latest
+checkpoint) or an official centermask2 .pth/.pkl (imported on the fly). Inference runs on
+all local devices; writes DIR/bbox_results.json, DIR/segm_results.json, DIR/metrics.json and
+prints the COCO tables. --data_dir / --dataset default to config.data.data_dir / .name.
+"""
+import argparse
+import ast
+import os
+import sys
+
+
+def parse_overrides(extra):
+  """['--config.a.b=1', '--config.c', 'x'] -> {'a.b': 1, 'c': 'x'} (Python literals or str)."""
+  out, i = {}, 0
+  while i < len(extra):
+    arg = extra[i]
+    if not arg.startswith("--config."):
+      raise SystemExit(f"error: unrecognised argument {arg!r}")
+    key = arg[len("--config."):]
+    if "=" in key:
+      key, raw = key.split("=", 1)
+    else:
+      if i + 1 >= len(extra):
+        raise SystemExit(f"error: {arg} needs a value")
+      i += 1
+      raw = extra[i]
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    if isinstance(value, list):
+      value = tuple(value)
+    out[key] = value
+    i += 1
+  return out
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="configs/NAME.py")
+  p.add_argument("--checkpoint", required=True, help="checkpoint dir, train workdir or .pth/.pkl")
+  p.add_argument("--workdir", required=True, help="output directory")
+  p.add_argument("--data_dir", "--data-dir", default=None)
+  p.add_argument("--dataset", default=None, help="prepared dataset name")
+  p.add_argument("--split", default="val")
+  p.add_argument("--per_device_batch", "--per-device-batch", type=int, default=1)
+  p.add_argument("--no_progress", action="store_true")
+  args, extra = p.parse_known_args(argv)
+
+  from centermask_jax.config import load_config
+  try:
+    cfg = load_config(args.config, parse_overrides(extra))
+  except (KeyError, FileNotFoundError, TypeError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  import jax
+
+  from centermask_jax.checkpoints.io import load_model_variables
+  from centermask_jax.evaluation.evaluator import run_evaluation
+  from centermask_jax.models.centermask import CenterMask
+
+  data_dir = os.path.expanduser(args.data_dir or cfg.data.data_dir)
+  name = args.dataset or cfg.data.name
+  if not os.path.exists(args.checkpoint):
+    print(f"error: checkpoint {args.checkpoint} not found", file=sys.stderr)
+    return 2
+  model = CenterMask(cfg)
+  variables = load_model_variables(args.checkpoint, model)
+  if jax.process_index() == 0:
+    print(f"config {cfg.name}; checkpoint {args.checkpoint}; dataset {name} ({data_dir}) "
+          f"split {args.split}; {jax.local_device_count()} local device(s) "
+          f"x {args.per_device_batch} image(s)", flush=True)
+  run_evaluation(cfg, variables, data_dir, name, args.workdir, split=args.split,
+                 per_device_batch=args.per_device_batch, progress=not args.no_progress)
+  if jax.process_index() == 0:
+    print(f"results in {os.path.abspath(args.workdir)}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
