@@ -172,3 +172,34 @@ def test_demo_writes_png_of_image_size_and_json(tiny_coco, checkpoint, tmp_path)
   # overlay differs from the image where something was drawn
   orig = np.asarray(Image.open(img).convert("RGB"))
   assert np.any(np.asarray(png) != orig)
+
+
+def test_oracle_predictions_score_bbox_ap_100(data, tmp_path):
+  """A fake model returning the batch's GT boxes/classes through the whole evaluator path
+  (pmap, postprocess to original pixels, paste, RLE, category-id mapping) scores box AP 100;
+  its box-shaped masks score a lower, non-zero mask AP."""
+  k, c = 20, 80
+
+  def oracle(variables, inputs):
+    boxes = inputs["gt_boxes"][:, :k]
+    b = boxes.shape[0]
+    return {"boxes": boxes,
+            "scores": jnp.broadcast_to(1.0 - 0.01 * jnp.arange(k, dtype=jnp.float32), (b, k)),
+            "classes": inputs["gt_classes"][:, :k], "valid": inputs["gt_valid"][:, :k],
+            "mask_probs": jnp.ones((b, k, 28, 28), jnp.float32),
+            "maskiou": jnp.ones((b, k, c), jnp.float32)}
+
+  ev = evaluator_lib.Evaluator(_config(), predict_fn=oracle,
+                               extra_keys=("gt_boxes", "gt_classes", "gt_valid"))
+  metrics = evaluator_lib.run_evaluation(_config(), {}, str(data), NAME, str(tmp_path),
+                                         evaluator=ev, progress=False, verbose=False)
+  assert metrics["bbox"]["AP"] == pytest.approx(100.0)
+  assert metrics["bbox"]["AP75"] == pytest.approx(100.0)
+  assert 5.0 < metrics["segm"]["AP"] < 90.0
+  bbox, segm = _results(tmp_path)
+  from centermask_jax.data import pipeline
+  gt = COCO(pipeline.dataset_info(str(data), NAME).gt_json["val"])
+  non_crowd = [a for a in gt.dataset["annotations"] if not a["iscrowd"]]
+  assert len(bbox) == len(segm) == len(non_crowd)  # every non-crowd GT once, nothing else
+  assert sorted((r["image_id"], r["category_id"]) for r in bbox) == sorted(
+      (a["image_id"], a["category_id"]) for a in non_crowd)

@@ -96,6 +96,8 @@ class Evaluator:
 
   def replicate(self, variables):
     """Host tree -> per-device copies [D, ...] laid out as the pmapped functions expect."""
+    if not jax.tree_util.tree_leaves(variables):
+      return variables
     stacked = jax.tree_util.tree_map(
         lambda x: np.broadcast_to(np.asarray(x), (len(self.devices),) + np.shape(x)), variables)
     return jax.pmap(lambda x: x, devices=self.devices)(stacked)
