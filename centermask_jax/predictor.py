@@ -52,12 +52,29 @@ class Predictor:
     x, hw, padded = preprocess(image_rgb, self.config)
     out = self._predict(self.variables, jnp.asarray(x)[None], jnp.asarray(hw)[None],
                         jnp.asarray(padded)[None])
-    boxes, valid = postprocess.detector_postprocess(
-        out["boxes"], out["valid"], jnp.asarray(hw)[None], jnp.asarray([[h0, w0]]))
-    keep = np.nonzero(np.asarray(valid[0]))[0]
-    boxes = np.asarray(boxes[0])[keep]
-    masks = mask_ops.paste_masks(out["mask_probs"][0][keep], jnp.asarray(boxes), (h0, w0),
-                                 self.config.model.mask_head.mask_threshold)
-    return {"boxes": boxes, "scores": np.asarray(out["scores"][0])[keep],
-            "classes": np.asarray(out["classes"][0])[keep],
-            "masks": np.asarray(masks), "mask_scores": np.asarray(out["mask_scores"][0])[keep]}
+    res = image_instances(out["boxes"][0], out["scores"][0], out["classes"][0],
+                          out["mask_probs"][0], out["mask_scores"][0], out["valid"][0],
+                          hw, (h0, w0), self.config.model.mask_head.mask_threshold)
+    res.pop("src")
+    return res
+
+
+def image_instances(boxes, scores, classes, mask_probs, mask_scores, valid, image_hw, orig_hw,
+                    mask_threshold=0.5) -> Dict[str, np.ndarray]:
+  """One image's padded detections (resized px) -> instances at original resolution.
+
+  boxes [K, 4], scores / classes / mask_scores / valid [K], mask_probs [K, M, M],
+  image_hw (resized) and orig_hw (H0, W0) -> numpy dict of the kept rows: boxes [k, 4]
+  (scaled + clipped), scores, classes, mask_scores, masks bool [k, H0, W0] and src
+  (indices into K); detector_postprocess + aligned paste (spec §c.6, §d.7).
+  """
+  h0, w0 = int(orig_hw[0]), int(orig_hw[1])
+  b, ok = postprocess.detector_postprocess(
+      jnp.asarray(boxes)[None], jnp.asarray(valid, bool)[None], jnp.asarray(image_hw)[None],
+      jnp.asarray([[h0, w0]]))
+  keep = np.nonzero(np.asarray(ok[0]))[0]
+  b = np.asarray(b[0])[keep]
+  masks = mask_ops.paste_masks(jnp.asarray(mask_probs)[keep], jnp.asarray(b), (h0, w0),
+                               mask_threshold)
+  return {"boxes": b, "scores": np.asarray(scores)[keep], "classes": np.asarray(classes)[keep],
+          "masks": np.asarray(masks), "mask_scores": np.asarray(mask_scores)[keep], "src": keep}

@@ -47,12 +47,10 @@ def _strict_like(template, restored, source):
   """Checks `restored` has exactly the keys/shapes of `template` (named errors)."""
   want = official.expected_keys(template)
   got = official.expected_keys(restored)
-  missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-  bad = sorted(k for k in set(want) & set(got) if want[k] != got[k])
-  if missing or unexpected or bad:
-    raise official.CheckpointMismatchError(
-        f"{source} does not match the model: missing {missing[:20]}, unexpected "
-        f"{unexpected[:20]}, shape mismatches {[(k, got[k], want[k]) for k in bad[:20]]}")
+  official.raise_if_mismatch(
+      source, sorted(set(want) - set(got)), sorted(set(got) - set(want)),
+      [f"{k}: checkpoint {got[k]} vs model {want[k]}"
+       for k in sorted(set(want) & set(got)) if want[k] != got[k]])
   return jax.tree_util.tree_map(lambda t, r: np.asarray(r, t.dtype), template, restored)
 
 

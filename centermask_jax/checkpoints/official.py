@@ -129,6 +129,20 @@ def from_ours(key: str, value: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------ import
+def raise_if_mismatch(source: str, missing, unexpected, bad_shapes):
+  """Raises one CheckpointMismatchError naming every missing/unexpected key and bad shape."""
+  if not (missing or unexpected or bad_shapes):
+    return
+  lines = [f"{source} does not match the model:"]
+  for title, items in (("missing keys (in the model, not in the checkpoint)", missing),
+                       ("unexpected keys (in the checkpoint, not in the model)", unexpected),
+                       ("shape mismatches", bad_shapes)):
+    if items:
+      lines.append(f"  {len(items)} {title}:")
+      lines.extend(f"    {k}" for k in items)
+  raise CheckpointMismatchError("\n".join(lines))
+
+
 def load_into(variables, state_dict: Dict[str, np.ndarray], *, prefixes: Optional[Iterable[str]] = None,
               source: str = "checkpoint"):
   """Returns a copy of `variables` with every leaf replaced from `state_dict`.
@@ -152,22 +166,15 @@ def load_into(variables, state_dict: Dict[str, np.ndarray], *, prefixes: Optiona
   for key in sorted(set(ours) & theirs):
     path = ours[key]
     our_shape = tuple(flat[path].shape)
-    value = to_ours(key, np.asarray(state_dict[key]), our_shape) \
-        if np.asarray(state_dict[key]).size == int(np.prod(our_shape)) else None
+    theirs_value = np.asarray(state_dict[key])
+    value = (to_ours(key, theirs_value, our_shape)
+             if theirs_value.size == int(np.prod(our_shape)) else None)
     if value is None or tuple(value.shape) != our_shape:
-      bad_shapes.append(f"{key}: checkpoint {tuple(np.shape(state_dict[key]))} vs model "
+      bad_shapes.append(f"{key}: checkpoint {theirs_value.shape} vs model "
                         f"{our_shape} (ours, {'HWIO' if len(our_shape) == 4 else 'layout'})")
       continue
     new_values[path] = value.astype(flat[path].dtype)
-  if missing or unexpected or bad_shapes:
-    lines = [f"{source} does not match the model:"]
-    for title, items in (("missing keys (in the model, not in the checkpoint)", missing),
-                         ("unexpected keys (in the checkpoint, not in the model)", unexpected),
-                         ("shape mismatches", bad_shapes)):
-      if items:
-        lines.append(f"  {len(items)} {title}:")
-        lines.extend(f"    {k}" for k in items)
-    raise CheckpointMismatchError("\n".join(lines))
+  raise_if_mismatch(source, missing, unexpected, bad_shapes)
 
   def replace(path, leaf):
     p = _path_strings(path)

@@ -181,11 +181,3 @@ class CenterMask:
 def count_values(variables) -> int:
   """Number of scalars in params + frozen_bn (compare with a state dict)."""
   return sum(int(x.size) for x in jax.tree_util.tree_leaves(variables))
-
-
-def normalize(images_uint8_bgr, pixel_mean, pixel_std):
-  """uint8 [..., 3] in the model's channel order -> float32 (x - mean) / std."""
-  x = jnp.asarray(images_uint8_bgr, jnp.float32)
-  return (x - jnp.asarray(pixel_mean, jnp.float32)) / jnp.asarray(pixel_std, jnp.float32)
-
-

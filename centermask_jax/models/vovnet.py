@@ -130,9 +130,3 @@ class VoVNet(nn.Module):
                       name=f"stage{n}.OSA{n}_{b + 1}")(x, m)
       feats[f"stage{n}"] = x
     return feats
-
-
-def out_channels(variant: str) -> Dict[str, int]:
-  """Channels of stage3..stage5 for the FPN."""
-  spec = VOVNET_SPECS[variant]
-  return {f"stage{n}": c for n, c in zip(range(2, 6), spec.out_ch)}

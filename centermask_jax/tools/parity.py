@@ -24,8 +24,8 @@ import jax.numpy as jnp  # noqa: E402
 from centermask_jax.config import load_config  # noqa: E402
 from centermask_jax.checkpoints import official  # noqa: E402
 from centermask_jax.models.centermask import CenterMask  # noqa: E402
-from centermask_jax.ops import masks as mask_ops  # noqa: E402
 from centermask_jax.ops import postprocess  # noqa: E402
+from centermask_jax.predictor import image_instances  # noqa: E402
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 # Pasted-mask tolerance: pixels whose interpolated value sits at the 0.5 threshold may
@@ -221,28 +221,14 @@ def run(config_path: str, fixture: str, canvas: Optional[tuple] = None) -> Repor
     rep.close(f"{p}_maskiou_pred_allcls", out["maskiou"][i][:k], ev[f"{p}_maskiou_pred_allcls"],
               0.0, 1e-4)
     rep.close(f"{p}_mask_scores", out["mask_scores"][i][:k], ev[f"{p}_mask_scores"], 1e-5, 1e-5)
-    fin = final_results(out["boxes"][i][:k], out["scores"][i][:k], out["classes"][i][:k],
-                        out["mask_probs"][i][:k], out["mask_scores"][i][:k],
-                        np.asarray(image_hw[i]), orig_hw[i])
+    fin = image_instances(out["boxes"][i][:k], out["scores"][i][:k], out["classes"][i][:k],
+                          out["mask_probs"][i][:k], out["mask_scores"][i][:k],
+                          np.ones(k, bool), np.asarray(image_hw[i]), orig_hw[i])
     _check_final(rep, f"{p}_final", fin, ev, f"{p}_final", np.arange(k))
 
   if gb is not None:
     given_boxes(rep, model, variables, images, image_hw, padded_hw, orig_hw, gb, n)
   return rep
-
-
-def final_results(boxes, scores, classes, mask_probs, mask_scores, image_hw, orig_hw):
-  """detector_postprocess + paste for one image (numpy in/out); keeps source indices."""
-  b, valid = postprocess.detector_postprocess(jnp.asarray(boxes)[None],
-                                              jnp.ones((1, len(boxes)), bool),
-                                              jnp.asarray(image_hw)[None],
-                                              jnp.asarray(orig_hw)[None])
-  b, valid = np.asarray(b[0]), np.asarray(valid[0])
-  masks = np.asarray(mask_ops.paste_masks(jnp.asarray(mask_probs), jnp.asarray(b),
-                                          (int(orig_hw[0]), int(orig_hw[1]))))
-  keep = np.nonzero(valid)[0]
-  return dict(boxes=b[keep], scores=np.asarray(scores)[keep], classes=np.asarray(classes)[keep],
-              mask_scores=np.asarray(mask_scores)[keep], masks=masks[keep], src=keep)
 
 
 def _check_final(rep, tag, fin, ref, prefix, src_expected):
@@ -280,9 +266,9 @@ def given_boxes(rep, model, variables, images, image_hw, padded_hw, orig_hw, gb,
               atol=1e-4)
     rep.close(f"{p}_maskiou_pred_allcls", out["maskiou"][i], gb[f"{p}_maskiou_pred_allcls"], 0.0, 1e-4)
     rep.close(f"{p}_mask_scores", out["mask_scores"][i], gb[f"{p}_mask_scores"], 1e-5, 1e-5)
-    fin = final_results(np.asarray(boxes[i]), np.asarray(scores[i]), np.asarray(classes[i]),
-                        out["mask_probs"][i], out["mask_scores"][i], np.asarray(image_hw[i]),
-                        orig_hw[i])
+    fin = image_instances(np.asarray(boxes[i]), np.asarray(scores[i]), np.asarray(classes[i]),
+                          out["mask_probs"][i], out["mask_scores"][i],
+                          np.ones(len(boxes[i]), bool), np.asarray(image_hw[i]), orig_hw[i])
     _check_final(rep, f"{p}_final", fin, gb, f"{p}_final", gb[f"{p}_final_src_index"])
 
 
