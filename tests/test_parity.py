@@ -35,3 +35,38 @@ def test_parity_cli_exit_code(lite_fixture, capsys):
   out = capsys.readouterr().out
   assert rc == 0, out
   assert "FAIL " not in out
+
+
+TRAIN_STAGES = ("train_fcos_labels", "train_fcos_reg_targets_pos", "train_fcos_num_pos",
+                "img0_train_proposals_boxes", "img1_fg_roi_count", "img0_fg_roi_boxes",
+                "img1_fg_roi_mask_targets_28", "img0_fg_roi_maskiou_target",
+                "img1_fg_roi_maskiou_pred_gtcls", "train_loss_fcos_cls", "train_loss_fcos_loc",
+                "train_loss_fcos_ctr", "train_loss_mask", "train_loss_maskiou")
+
+
+def test_train_parity_cli(lite_fixture, capsys):
+  """`parity --train` on a larger canvas: targets, RoIs, mask targets, losses all PASS."""
+  rc = parity.main(["--config", str(parity_config()), "--fixture", str(lite_fixture),
+                    "--train", "--canvas", "640,1024"])
+  out = capsys.readouterr().out
+  assert rc == 0, out
+  for stage in TRAIN_STAGES:
+    assert f"PASS  {stage} " in out, stage
+  assert "parity stages: 35 PASS, 0 FAIL" in out
+
+
+def test_train_parity_detects_a_wrong_reference(lite_fixture, tmp_path, capsys):
+  """A copy of the fixture with one mask-target pixel and one loss changed fails."""
+  import numpy as np
+  for f in lite_fixture.iterdir():
+    if f.name != "train_outputs.npz":
+      (tmp_path / f.name).symlink_to(f)
+  tr = dict(np.load(lite_fixture / "train_outputs.npz"))
+  tr["img1_fg_roi_mask_targets_28"][0, 14, 14] ^= True
+  tr["loss_mask"] = tr["loss_mask"] * (1 + 3e-4)
+  np.savez(tmp_path / "train_outputs.npz", **tr)
+  rc = parity.main(["--config", str(parity_config()), "--fixture", str(tmp_path), "--train"])
+  out = capsys.readouterr().out
+  assert rc == 1
+  assert "FAIL  img1_fg_roi_mask_targets_28 " in out and "FAIL  train_loss_mask " in out
+  assert "parity stages: 33 PASS, 2 FAIL" in out

@@ -1,11 +1,14 @@
 """Stage-by-stage parity against official centermask2 fixtures.
 
   python -m centermask_jax.tools.parity --config configs/NAME.py --fixture DIR [--canvas H,W]
+      [--train]
 
 Loads DIR/model_random_fp16.pth through the importer, runs DIR/inputs.npz and compares
 every stage stored in eval_outputs.npz and given_boxes_outputs.npz with the tolerances
 of the fixtures README §7. Prints one line per stage and exits 1 if any stage fails.
 `--canvas` runs the images on a larger static canvas (padding exactness check).
+`--train` compares the training targets, RoIs and losses with train_outputs.npz instead
+(see `parity_train`).
 """
 import argparse
 import dataclasses
@@ -135,13 +138,9 @@ def load_model(config_path: str, fixture: str):
   return cfg, model, variables
 
 
-def run(config_path: str, fixture: str, canvas: Optional[tuple] = None) -> Report:
-  cfg, model, variables = load_model(config_path, fixture)
-  inp = np.load(os.path.join(fixture, "inputs.npz"))
-  ev = np.load(os.path.join(fixture, "eval_outputs.npz"))
-  gb_path = os.path.join(fixture, "given_boxes_outputs.npz")
-  gb = np.load(gb_path) if os.path.exists(gb_path) else None
-
+def fixture_images(inp, canvas: Optional[tuple] = None):
+  """inputs.npz -> (images [N, Hc, Wc, 3] on the canvas, with garbage outside the official
+  padded region when a canvas is given, image_hw [N, 2], orig_hw [N, 2], padded_hw [N, 2])."""
   x = inp["images_tensor"].transpose(0, 2, 3, 1).astype(np.float32)
   n, hp, wp, _ = x.shape
   ch, cw = canvas or (hp, wp)
@@ -155,6 +154,28 @@ def run(config_path: str, fixture: str, canvas: Optional[tuple] = None) -> Repor
   image_hw = jnp.asarray(inp["image_sizes"], jnp.int32)
   orig_hw = np.asarray(inp["orig_sizes"])
   padded_hw = jnp.asarray([[hp, wp]] * n, jnp.int32)
+  return images, image_hw, orig_hw, padded_hw
+
+
+def run(config_path: str, fixture: str, canvas: Optional[tuple] = None,
+        train: bool = False) -> Report:
+  """Inference stages (eval_outputs / given_boxes_outputs) or, with `train`, the
+  training stages of train_outputs.npz (`parity_train.run_train`)."""
+  cfg, model, variables = load_model(config_path, fixture)
+  inp = np.load(os.path.join(fixture, "inputs.npz"))
+  images, image_hw, orig_hw, padded_hw = fixture_images(inp, canvas)
+  n, ch, cw, _ = images.shape
+  hp, wp = (int(v) for v in padded_hw[0])
+  if train:
+    from centermask_jax.tools import parity_train
+    rep = Report()
+    print(f"config={cfg.name} fixture={fixture} images={n} padded={hp}x{wp} canvas={ch}x{cw} "
+          "mode=train")
+    parity_train.run_train(rep, cfg, model, variables, images, image_hw, padded_hw, fixture)
+    return rep
+  ev = np.load(os.path.join(fixture, "eval_outputs.npz"))
+  gb_path = os.path.join(fixture, "given_boxes_outputs.npz")
+  gb = np.load(gb_path) if os.path.exists(gb_path) else None
 
   rep = Report()
   print(f"config={cfg.name} fixture={fixture} images={n} padded={hp}x{wp} canvas={ch}x{cw}")
@@ -284,8 +305,10 @@ def main(argv=None) -> int:
   ap.add_argument("--config", required=True, help="configs/NAME.py")
   ap.add_argument("--fixture", required=True, help="fixture folder (inputs.npz, eval_outputs.npz, ...)")
   ap.add_argument("--canvas", default=None, help="run on a larger canvas H,W (e.g. 640,1024)")
+  ap.add_argument("--train", action="store_true",
+                  help="compare the training targets and losses with train_outputs.npz")
   args = ap.parse_args(argv)
-  rep = run(args.config, args.fixture, parse_hw(args.canvas))
+  rep = run(args.config, args.fixture, parse_hw(args.canvas), train=args.train)
   failed = rep.failed
   print(f"parity stages: {len(rep.lines) - len(failed)} PASS, {len(failed)} FAIL")
   return 1 if failed else 0

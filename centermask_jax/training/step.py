@@ -39,12 +39,14 @@ def fg_slots(config) -> int:
 
 
 def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
-            axis_name: Optional[str] = AXIS):
+            axis_name: Optional[str] = AXIS, capture: bool = False):
   """Per-device total loss.
 
   params / frozen_bn: model variables; batch: dict of [B, ...] arrays (the data contract
   without the device axis); rng: PRNG key (foreground subsampling).
-  -> (total scalar, dict of the five losses + num_pos, num_fg).
+  -> (total scalar, dict of the five losses + num_pos, num_fg). With `capture`, the dict
+  also holds "inter": FCOS targets, train proposals, foreground RoIs, mask and MaskIoU
+  targets and predictions (what `tools.parity --train` compares).
   """
   m = config.model
   fc = m.fcos
@@ -87,7 +89,7 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
   iou_all = model.maskiou(variables, pooled, jax.nn.sigmoid(cls_logits).astype(compute))
   iou_g = jnp.take_along_axis(iou_all, fg["gt_classes"][..., None], axis=-1,
                               mode="clip")[..., 0].astype(jnp.float32)
-  loss_maskiou, _ = L.maskiou_targets_and_loss(
+  loss_maskiou, iou_t = L.maskiou_targets_and_loss(
       cls_logits, mt, ratio, iou_g, fg["fg"], axis_name=axis_name,
       loss_weight=m.maskiou_head.loss_weight)
   losses = {"loss_fcos_cls": fl["loss_fcos_cls"], "loss_fcos_loc": fl["loss_fcos_loc"],
@@ -95,6 +97,10 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
             "loss_maskiou": loss_maskiou}
   total = sum(losses[k] for k in LOSS_KEYS)
   aux = dict(losses, num_pos=fl["num_pos"], num_fg=jnp.sum(fg["fg"]).astype(jnp.float32))
+  if capture:
+    aux["inter"] = {"fcos_targets": tg, "proposals": det, "fg_rois": fg, "mask_targets": mt,
+                    "mask_prob_gtcls": jax.nn.sigmoid(cls_logits), "maskiou_targets": iou_t,
+                    "maskiou_pred_gtcls": iou_g}
   return total, aux
 
 
