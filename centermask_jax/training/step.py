@@ -133,12 +133,24 @@ def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS):
   return new_state, metrics
 
 
+def _pmap_devices(devices):
+  """pmap's `devices`: None (= every device of every process) in a multi-process run, so
+  that the collectives span all processes; a local subset only in a single process."""
+  if jax.process_count() == 1:
+    return devices
+  if devices is not None and set(devices) != set(jax.local_devices()):
+    raise ValueError("multi-process training uses every local device; got a subset")
+  return None
+
+
 def make_train_step(model, config, tx, lr_fn, devices=None):
-  """pmapped step: (replicated state, batch [D, B, ...], rng) -> (state, metrics [D])."""
+  """pmapped step: (replicated state, batch [D, B, ...], rng) -> (state, metrics [D]).
+
+  Gradients and metrics are averaged over every device of every process."""
   fn = functools.partial(train_step, model=model, config=config, tx=tx, lr_fn=lr_fn,
                          axis_name=AXIS)
   return jax.pmap(fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
-                  devices=devices)
+                  devices=_pmap_devices(devices))
 
 
 def replicate(tree, devices=None):
@@ -146,7 +158,7 @@ def replicate(tree, devices=None):
   devices = devices or jax.local_devices()
   stacked = jax.tree_util.tree_map(
       lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
-  return jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(stacked)  # same sharding as the step
+  return jax.pmap(lambda x: x, axis_name=AXIS, devices=_pmap_devices(devices))(stacked)
 
 
 def unreplicate(tree):

@@ -73,12 +73,14 @@ def _make_iterator(config, d, b):
 
 def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = None,
                        num_steps: Optional[int] = None, async_checkpoints: bool = True,
-                       quiet: bool = False) -> Dict[str, Any]:
+                       quiet: bool = False, devices=None) -> Dict[str, Any]:
   """Trains until config.optim.max_iter (or `num_steps` more steps, for tests/tools).
 
   train_iter: optional iterator of [D, B, ...] batches with get_state()/set_state()
-  (default: the config's dataset through `data.pipeline`).
-  Returns {"step", "state" (host, unreplicated), "metrics" (last step, floats)}.
+  (default: the config's dataset through `data.pipeline`). devices: the local devices to
+  use (default: all).
+  Returns {"step", "state" (host, unreplicated), "metrics" (last step, floats),
+  "loss_history" (total loss per step of this run), "eval" ({step: COCO metrics})}.
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -86,7 +88,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   max_iter = int(config.optim.max_iter)
 
   banner("devices")
-  devices = jax.local_devices()
+  devices = list(devices or jax.local_devices())
   d = len(devices)
   pc = jax.process_count()
   global_batch = int(t.global_batch)
@@ -151,10 +153,12 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
     from tqdm import tqdm
     bar = tqdm(total=end, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
   last = {}
+  history = []  # total loss of every step of this run
   every = int(t.checkpoint_every)
   log_every = max(1, int(t.log_every))
   eval_every = int(t.get("eval_every", 0) or 0)
   t_last, n_last = time.time(), 0
+  evaluation = _EvalHook(config, workdir, devices, writer)
   step = start
   try:
     while step < end:
@@ -173,6 +177,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
             + (f"{checkpointing.checkpoint_dir(workdir)}/{good}" if good is not None
                else "none") + ". Lower optim.base_lr or check the data.")
       last = metrics
+      history.append(metrics["total_loss"])
       n_last += 1
       if bar is not None:
         bar.update(1)
@@ -191,9 +196,8 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
       if (every and step % every == 0) or step == end:
         checkpointing.save(mgr, step, step_lib.unreplicate(rstate), train_iter.get_state(),
                            config)
-      if eval_every and step % eval_every == 0:
-        _say(f"step {step}: periodic evaluation hook (no evaluator wired yet; use eval.py "
-             "on the checkpoint)")
+      if eval_every >= 0 and ((eval_every and step % eval_every == 0) or step == max_iter):
+        evaluation.run(step, rstate)
   finally:
     mgr.wait_until_finished()
     mgr.close()
@@ -205,4 +209,44 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   if jax.process_index() == 0 and last:
     print(f"  done at step {step}: total loss {last['total_loss']:.4f}; checkpoints in "
           f"{checkpointing.checkpoint_dir(workdir)}", flush=True)
-  return {"step": step, "state": host_state, "metrics": last}
+  return {"step": step, "state": host_state, "metrics": last, "loss_history": history,
+          "eval": evaluation.results}
+
+
+class _EvalHook:
+  """COCO evaluation of the live (replicated) train state on config.data's val split.
+
+  Writes WORKDIR/eval/step_<N>/{bbox,segm}_results.json + metrics.json and TensorBoard
+  scalars eval/{bbox,segm}_<metric>. A failing evaluation (e.g. no val split) is reported
+  and counted, never fatal to the training run.
+  """
+
+  def __init__(self, config, workdir: str, devices, writer):
+    self.config, self.workdir, self.devices, self.writer = config, workdir, devices, writer
+    self.evaluator = None
+    self.results: Dict[int, Any] = {}
+    self.failures = 0
+
+  def run(self, step: int, rstate):
+    from centermask_jax.evaluation import evaluator as ev_lib
+    banner(f"evaluation at step {step}")
+    try:
+      if self.evaluator is None:
+        self.evaluator = ev_lib.Evaluator(self.config, devices=self.devices)
+      variables = {"params": rstate["params"], "frozen_bn": rstate["frozen_bn"]}
+      out_dir = os.path.join(self.workdir, "eval", f"step_{step}")
+      metrics = ev_lib.run_evaluation(self.config, variables, workdir=out_dir,
+                                      replicated=True, evaluator=self.evaluator)
+    except Exception as e:  # noqa: BLE001 - evaluation must not kill a long training run
+      self.failures += 1
+      log.warning("evaluation at step %d failed: %s: %s", step, type(e).__name__, e)
+      _say(f"evaluation at step {step} FAILED ({type(e).__name__}: {e}); training goes on "
+           f"({self.failures} failed evaluation(s))")
+      return
+    self.results[step] = metrics
+    if self.writer is not None and metrics:
+      for task, vals in metrics.items():
+        for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
+          if k in vals:
+            self.writer.add_scalar(f"eval/{task}_{k}", vals[k], step)
+      self.writer.flush()

@@ -1,0 +1,50 @@
+"""One process of the 2-process jax.distributed test (tests/test_distributed.py).
+
+  python tests/dist_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR OUT.npz
+
+Runs 2 train steps of the tiny test config through `trainer.train_and_evaluate` with gloo
+CPU collectives; each process feeds its own half of every global batch. Writes the final
+params (flattened) to OUT.npz.
+"""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def main():
+  port, pid, nproc, workdir, out = sys.argv[1:6]
+  pid, nproc = int(pid), int(nproc)
+  import jax
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc,
+                             process_id=pid)
+  import numpy as np
+  from flax import traverse_util
+
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from test_train import FakeIterator, split, make_batch, tiny_config
+  from centermask_jax.training import trainer
+
+  class Shard(FakeIterator):
+    """This process's rows of the global batch of FakeIterator(global devices, 1)."""
+
+    def __next__(self):
+      g = make_batch(nproc, 100 + self.step)
+      self.step += 1
+      return split({k: v[pid:pid + 1] for k, v in g.items()}, 1)
+
+  c = tiny_config()
+  c.train.global_batch = nproc
+  res = trainer.train_and_evaluate(c, workdir, Shard(1, 1), num_steps=2,
+                                   async_checkpoints=False, quiet=True)
+  flat = traverse_util.flatten_dict(res["state"]["params"], sep="/")
+  np.savez(out, step=res["step"], loss=res["metrics"]["total_loss"],
+           **{k: np.asarray(v) for k, v in flat.items()})
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main()
