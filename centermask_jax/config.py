@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
       width_per_group=64,
       stride_in_1x1=True,
       freeze_at=0,              # 0: all trainable (norms are FrozenBN anyway)
+      norm="FrozenBN",          # VoVNet only: FrozenBN (official) | GN (from-scratch training)
   ))
   m.fpn_channels = 256
   m.fcos = ml_collections.ConfigDict(dict(
@@ -58,6 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   i.max_size_test = 1333
   i.random_flip = True
   i.size_divisibility = 32
+  # Static canvases ((H, W) landscape, (H, W) portrait); () = derived from the sizes
+  # (multiples of 128 holding every resized image). Smaller canvases = faster small-image runs.
+  i.canvas_train = ()
+  i.canvas_test = ()
 
   d = c.data = ml_collections.ConfigDict()
   d.name = "coco2017"
@@ -68,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.shuffle_buffer = 1000
 
   o = c.optim = ml_collections.ConfigDict()
+  o.optimizer = "sgd"          # sgd (official: momentum, coupled L2) | adamw (decoupled decay)
   o.ims_per_batch = 16         # reference global batch of the schedule
   o.base_lr = 0.01             # at ims_per_batch; linearly rescaled for other global batches
   o.momentum = 0.9
@@ -85,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 20
   t.checkpoint_every = 5000
   t.keep_checkpoints = 3
-  t.eval_every = 0              # 0: evaluate only at the end
+  t.eval_every = 0              # N > 0: every N steps and at max_iter; 0: at max_iter only; -1: never
   t.bf16 = False
   return c
 

@@ -149,3 +149,34 @@ def test_predict_does_not_recompile():
     x = jax.random.normal(jax.random.PRNGKey(seed), (1, 128, 128, 3))
     f(variables, x, jnp.array([hw]), jnp.array([[128, 128]])).block_until_ready()
   assert len(traces) == 1
+
+
+def test_vovnet_gn_backbone_is_padding_exact_and_named_like_detectron2():
+  """model.backbone.norm='GN': trainable GroupNorm (gcd(32, C) groups) with statistics over
+  the official region: a 96x96 image inside a 128x128 canvas with garbage outside gives
+  the same features (inside the region) as the 96x96 image alone."""
+  from centermask_jax.checkpoints import official
+  from centermask_jax.models.vovnet import VoVNet
+  net = VoVNet("V-19-slim-dw-eSE", norm="GN")
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (1, 96, 96, 3))) * 50
+  big = np.full((1, 128, 128, 3), 300.0, np.float32)
+  big[:, :96, :96] = x
+  hw = jnp.array([[96, 96]], jnp.int32)
+  v = net.init(jax.random.PRNGKey(1), x, hw)
+  assert set(v) == {"params"}  # no frozen buffers
+  v = jax.tree_util.tree_map(lambda a: a + 0.1 * np.random.default_rng(0).normal(
+      size=a.shape).astype(np.float32), v)  # non-trivial GN affine parameters
+  small_out, big_out = net.apply(v, x, hw), net.apply(v, big, hw)
+  for name, stride in (("stem", 4), ("stage3", 8), ("stage5", 32)):
+    s = 96 // stride
+    a, b = np.asarray(small_out[name]), np.asarray(big_out[name])[:, :s, :s]
+    scale = float(np.abs(a).max())
+    assert scale > 0
+    np.testing.assert_allclose(b, a, atol=1e-4 * scale, err_msg=name)
+  keys = official.expected_keys({"params": {"backbone": {"bottom_up": v["params"]}}})
+  assert "backbone.bottom_up.stage2.OSA2_1.concat.OSA2_1_concat/norm.weight" in keys
+  assert keys["backbone.bottom_up.stage3.OSA3_1.layers.0.OSA3_1_0/pw_norm.bias"] == (80,)
+  c = load_config(CONFIGS[0])
+  c.model.backbone.name, c.model.backbone.norm = "resnet", "GN"
+  with pytest.raises(ValueError, match="only supported for VoVNet"):
+    CenterMask(c).init(jax.random.PRNGKey(0))

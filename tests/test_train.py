@@ -209,3 +209,39 @@ def test_frozen_resnet_stages_get_zero_updates():
   assert np.all(np.asarray(bu["stem"]["conv1"]["kernel"]) == 0)
   assert np.all(np.asarray(bu["res2"]["0"]["kernel"]) == 0)
   assert np.all(np.asarray(bu["res3"]["0"]["kernel"]) < 0)
+
+
+def test_adamw_matches_numpy_with_decay_mask():
+  """optim.optimizer='adamw': two steps equal a NumPy AdamW (decoupled decay on kernels,
+  none on GroupNorm affine leaves), LR from the same warmup schedule."""
+  c = tiny_config()
+  c.optim.optimizer = "adamw"
+  c.optim.weight_decay = 0.05
+  c.optim.base_lr = 0.004  # x 4/16 -> 1e-3
+  c.optim.warmup_iters = 0
+  rng = np.random.default_rng(0)
+  params = {"conv": {"kernel": rng.normal(size=(3, 3)).astype(np.float32)},
+            "gn": {"scale": rng.normal(size=3).astype(np.float32),
+                   "bias": rng.normal(size=3).astype(np.float32)}}
+  tx = O.make_optimizer(c, params)
+  state = tx.init(params)
+  p = jax.tree_util.tree_map(np.float64, params)
+  m = jax.tree_util.tree_map(np.zeros_like, p)
+  v = jax.tree_util.tree_map(np.zeros_like, p)
+  cur = params
+  for t in (1, 2):
+    g = jax.tree_util.tree_map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
+    upd, state = tx.update(g, state, cur)
+    cur = jax.tree_util.tree_map(lambda a, u: np.asarray(a + u), cur, upd)
+    for mod, leaf in (("conv", "kernel"), ("gn", "scale"), ("gn", "bias")):
+      gg = g[mod][leaf].astype(np.float64)
+      m[mod][leaf] = 0.9 * m[mod][leaf] + 0.1 * gg
+      v[mod][leaf] = 0.999 * v[mod][leaf] + 0.001 * gg ** 2
+      mh, vh = m[mod][leaf] / (1 - 0.9 ** t), v[mod][leaf] / (1 - 0.999 ** t)
+      wd = 0.05 if mod == "conv" else 0.0
+      p[mod][leaf] = p[mod][leaf] - 1e-3 * (mh / (np.sqrt(vh) + 1e-8) + wd * p[mod][leaf])
+  for mod, leaf in (("conv", "kernel"), ("gn", "scale"), ("gn", "bias")):
+    np.testing.assert_allclose(cur[mod][leaf], p[mod][leaf], rtol=1e-5, atol=1e-7)
+  c.optim.optimizer = "lamb"
+  with pytest.raises(ValueError, match="optim.optimizer='lamb'"):
+    O.make_optimizer(c, params)

@@ -33,9 +33,14 @@ PARTS = (BACKBONE, FCOS_HEAD, MASK_HEAD, MASKIOU_HEAD)
 
 def build_bottom_up(bcfg) -> Tuple[Any, Tuple[str, str, str]]:
   """Backbone config -> (Flax module named 'bottom_up', names of its C3..C5 outputs)."""
+  norm = bcfg.get("norm", "FrozenBN")
+  if bcfg.name != "vovnet" and norm != "FrozenBN":
+    raise ValueError(f"model.backbone.norm={norm!r} is only supported for VoVNet "
+                     f"(backbone {bcfg.name!r} uses FrozenBN)")
   if bcfg.name == "vovnet":
     from centermask_jax.models.vovnet import VoVNet
-    return VoVNet(bcfg.variant, name="bottom_up"), ("stage3", "stage4", "stage5")
+    return (VoVNet(bcfg.variant, norm=norm, name="bottom_up"),
+            ("stage3", "stage4", "stage5"))
   if bcfg.name == "resnet":
     from centermask_jax.models.resnet import ResNet
     return (ResNet(depth=bcfg.depth, num_groups=bcfg.num_groups,
@@ -90,6 +95,7 @@ class CenterMask:
         if col == "intermediates":
           continue
         out.setdefault(col, {})[part] = tree
+    out.setdefault("frozen_bn", {})  # empty when no part has FrozenBN (e.g. a GN backbone)
     return out
 
   # ---------------------------------------------------------------- stages

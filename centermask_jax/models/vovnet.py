@@ -5,6 +5,8 @@
 Module names mirror centermask2's state-dict keys ('/' written as ':').
 """
 import dataclasses
+import functools
+import math
 from typing import Dict, Tuple
 
 import flax.linen as nn
@@ -47,23 +49,40 @@ def _hsigmoid(x):
   return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
 
 
-def conv_norm_relu(x, mask, prefix: str, features: int, kernel_size: int = 3, stride: int = 1):
-  """`{prefix}:conv` (no bias) -> `{prefix}:norm` FrozenBN -> ReLU.
+NORMS = ("FrozenBN", "GN")
+
+
+def norm_layer(x, mask, name: str, norm: str, stride: int = 1):
+  """FrozenBN (the official default) or trainable GroupNorm (centermask2's
+  MODEL.VOVNET.NORM "GN"; gcd(32, C) groups so that every VoVNet width divides, with
+  statistics over the official region). mask: the *input* region of a stride-`stride` conv."""
+  if norm == "FrozenBN":
+    return L.FrozenBN(name=name)(x)
+  if norm == "GN":
+    m = None if mask is None else mask[:, ::stride, ::stride]
+    return L.MaskedGroupNorm(num_groups=math.gcd(32, x.shape[-1]), name=name)(x, m)
+  raise ValueError(f"unknown backbone norm {norm!r}; expected one of {NORMS}")
+
+
+def conv_norm_relu(x, mask, prefix: str, features: int, kernel_size: int = 3, stride: int = 1,
+                   norm: str = "FrozenBN"):
+  """`{prefix}:conv` (no bias) -> `{prefix}:norm` (FrozenBN or GN) -> ReLU.
 
   Call inside a compact module: the layers are created in the caller's scope.
   """
   x = L.Conv(features, kernel_size, stride, use_bias=False, kernel_init=_he,
              name=f"{prefix}:conv")(x, mask)
-  return nn.relu(L.FrozenBN(name=f"{prefix}:norm")(x))
+  return nn.relu(norm_layer(x, mask, f"{prefix}:norm", norm, stride))
 
 
-def dw_conv_norm_relu(x, mask, prefix: str, features: int, stride: int = 1):
+def dw_conv_norm_relu(x, mask, prefix: str, features: int, stride: int = 1,
+                      norm: str = "FrozenBN"):
   """Depthwise 3x3 `:dw_conv3x3` -> pointwise `:pw_conv1x1` -> `:pw_norm` -> ReLU."""
   c = x.shape[-1]
   x = L.Conv(c, 3, stride, groups=c, use_bias=False, kernel_init=_he,
              name=f"{prefix}:dw_conv3x3")(x, mask)
   x = L.Conv(features, 1, use_bias=False, kernel_init=_he, name=f"{prefix}:pw_conv1x1")(x)
-  return nn.relu(L.FrozenBN(name=f"{prefix}:pw_norm")(x))
+  return nn.relu(norm_layer(x, mask, f"{prefix}:pw_norm", norm, stride))
 
 
 class OSAModule(nn.Module):
@@ -78,20 +97,22 @@ class OSAModule(nn.Module):
   identity: bool
   depthwise: bool
   tag: str
+  norm: str = "FrozenBN"
 
   @nn.compact
   def __call__(self, x, mask):
     tag = self.tag
+    cnr = functools.partial(conv_norm_relu, norm=self.norm)
+    dw = functools.partial(dw_conv_norm_relu, norm=self.norm)
     block_input = x
     outputs = [x]
     if self.depthwise and x.shape[-1] != self.stage_ch:
-      x = conv_norm_relu(x, mask, f"conv_reduction.{tag}_reduction_0", self.stage_ch, 1)
+      x = cnr(x, mask, f"conv_reduction.{tag}_reduction_0", self.stage_ch, 1)
     for i in range(self.num_layers):
-      layer = dw_conv_norm_relu if self.depthwise else conv_norm_relu
+      layer = dw if self.depthwise else cnr
       x = layer(x, mask, f"layers.{i}.{tag}_{i}", self.stage_ch)
       outputs.append(x)
-    y = conv_norm_relu(jnp.concatenate(outputs, -1), mask, f"concat.{tag}_concat",
-                       self.concat_ch, 1)
+    y = cnr(jnp.concatenate(outputs, -1), mask, f"concat.{tag}_concat", self.concat_ch, 1)
     gate = L.masked_mean(y, mask)
     gate = L.Conv(self.concat_ch, 1, use_bias=True, kernel_init=_he, name="ese.fc")(gate)
     y = y * _hsigmoid(gate)
@@ -101,8 +122,11 @@ class OSAModule(nn.Module):
 
 
 class VoVNet(nn.Module):
-  """VoVNetV2 bottom-up network; name it 'bottom_up' inside the FPN."""
+  """VoVNetV2 bottom-up network; name it 'bottom_up' inside the FPN.
+
+  norm: "FrozenBN" (official checkpoints) or "GN" (trainable, for from-scratch training)."""
   variant: str
+  norm: str = "FrozenBN"
 
   @nn.compact
   def __call__(self, x, padded_hw):
@@ -112,8 +136,10 @@ class VoVNet(nn.Module):
     def mask(stride, shape):
       return L.region_mask(padded_hw, shape, stride)
 
-    x = conv_norm_relu(x, mask(1, hw), "stem.stem_1", spec.stem[0], 3, 2)
-    layer = dw_conv_norm_relu if spec.depthwise else conv_norm_relu
+    cnr = functools.partial(conv_norm_relu, norm=self.norm)
+    dw = functools.partial(dw_conv_norm_relu, norm=self.norm)
+    x = cnr(x, mask(1, hw), "stem.stem_1", spec.stem[0], 3, 2)
+    layer = dw if spec.depthwise else cnr
     x = layer(x, mask(2, x.shape[1:3]), "stem.stem_2", spec.stem[1], stride=1)
     x = layer(x, mask(2, x.shape[1:3]), "stem.stem_3", spec.stem[2], stride=2)
     feats = {"stem": x}
@@ -127,6 +153,7 @@ class VoVNet(nn.Module):
       for b in range(spec.blocks[s]):
         x = OSAModule(spec.stage_ch[s], spec.out_ch[s], spec.layers_per_block,
                       identity=b > 0, depthwise=spec.depthwise, tag=f"OSA{n}_{b + 1}",
+                      norm=self.norm,
                       name=f"stage{n}.OSA{n}_{b + 1}")(x, m)
       feats[f"stage{n}"] = x
     return feats

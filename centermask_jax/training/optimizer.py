@@ -10,6 +10,8 @@
   step (16 in every official config); with another `train.global_batch` the LR used is
   `base_lr * global_batch / ims_per_batch` (Goyal et al.). The schedule's iteration
   counts (warmup, steps, max_iter) are used as given.
+* `optim.optimizer = "adamw"` swaps SGD for AdamW (decoupled decay on the same mask, same
+  schedule; not an official recipe: for short from-scratch runs such as the built-in data).
 * Frozen parameters (ResNet FREEZE_AT: stem / res2) get exactly zero updates
   (`optax.masked(set_to_zero())` as the last transform); FrozenBN buffers are not parameters at all.
 """
@@ -97,11 +99,20 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
   """The full optax transformation for `params` (masks are derived from its tree)."""
   o = config.optim
   dmask = decay_mask(params)
-  parts = [optax.add_decayed_weights(float(o.weight_decay), mask=dmask)]
+  name = str(o.get("optimizer", "sgd")).lower()
+  if name not in ("sgd", "adamw"):
+    raise ValueError(f"optim.optimizer={name!r}: expected 'sgd' or 'adamw'")
+  parts = []
+  if name == "sgd":
+    parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=dmask))
   if float(o.weight_decay_norm):
     parts.append(optax.add_decayed_weights(
         float(o.weight_decay_norm), mask=jax.tree_util.tree_map(lambda m: not m, dmask)))
-  parts.append(optax.sgd(lr_schedule(config), momentum=float(o.momentum), nesterov=False))
+  if name == "sgd":
+    parts.append(optax.sgd(lr_schedule(config), momentum=float(o.momentum), nesterov=False))
+  else:
+    parts.append(optax.adamw(lr_schedule(config), b1=float(o.momentum), b2=0.999,
+                             weight_decay=float(o.weight_decay), mask=dmask))
   labels = param_labels(params, config)
   frozen = jax.tree_util.tree_map(lambda l: l == "frozen", labels)
   if any(jax.tree_util.tree_leaves(frozen)):
