@@ -96,6 +96,11 @@ def _input_params(config, train: bool) -> dict:
   for c in (land, port):
     if c[0] % div or c[1] % div:
       raise ValueError(f"canvas {c} is not a multiple of {div}")
+  short, long_ = min(max(sizes), max_size), max_size
+  if canvas and (land[0] < short or land[1] < long_ or port[0] < long_ or port[1] < short):
+    raise ValueError(f"input.canvas_{'train' if train else 'test'}={tuple(canvas)} cannot hold "
+                     f"every resized image (short side <= {short}, long side <= {long_}): "
+                     f"need landscape >= ({short}, {long_}) and portrait >= ({long_}, {short})")
   mean = np.asarray(_get(inp, "pixel_mean", (103.530, 116.280, 123.675)), np.float32)
   std = np.asarray(_get(inp, "pixel_std", (1.0, 1.0, 1.0)), np.float32)
   values = np.arange(256, dtype=np.float32)[None, :]

@@ -37,8 +37,8 @@ def lr_schedule(config):
   base = scaled_base_lr(config)
   warm = int(o.warmup_iters)
   factor = float(o.warmup_factor)
-  milestones = jnp.asarray(tuple(int(s) for s in o.steps) or (2 ** 62,), jnp.int64
-                           if jax.config.jax_enable_x64 else jnp.int32)
+  steps = tuple(int(s) for s in o.steps)
+  milestones = jnp.asarray(steps or (2 ** 31 - 1,), jnp.int32)  # () = no decay
   gamma = float(o.gamma)
 
   def fn(step):
