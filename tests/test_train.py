@@ -245,3 +245,59 @@ def test_adamw_matches_numpy_with_decay_mask():
   c.optim.optimizer = "lamb"
   with pytest.raises(ValueError, match="optim.optimizer='lamb'"):
     O.make_optimizer(c, params)
+
+
+def test_bf16_compute_keeps_fp32_master_params(setup):
+  """train.bf16: bf16 forward/backward, float32 params and optimiser state; the loss is
+  close to the float32 loss on the same batch and the update moves the params."""
+  c, model, v = setup
+  c16 = tiny_config()
+  c16.train.bf16 = True
+  batch = jax.tree_util.tree_map(lambda x: x[:1], make_batch(1, 7))
+  fn32 = jax.jit(functools.partial(S.loss_fn, model=model, config=c, axis_name=None))
+  _, aux32 = fn32(v["params"], v["frozen_bn"], batch, jax.random.PRNGKey(0))
+  tx = O.make_optimizer(c16, v["params"])
+  p_step = S.make_train_step(model, c16, tx, O.lr_schedule(c16), devices=jax.local_devices()[:1])
+  state = S.replicate(S.init_state(v["params"], v["frozen_bn"], tx), jax.local_devices()[:1])
+  state, m = p_step(state, split(batch, 1), jax.random.PRNGKey(0))
+  assert np.isfinite(float(m["total_loss"][0]))
+  for k in ("loss_fcos_cls", "loss_fcos_loc", "loss_mask"):  # the step's (bf16) losses
+    np.testing.assert_allclose(float(m[k][0]), float(aux32[k]), rtol=5e-2, err_msg=k)
+  assert float(m["loss_fcos_cls"][0]) != float(aux32["loss_fcos_cls"])  # bf16 really used
+  leaves = jax.tree_util.tree_leaves(state["params"]) + jax.tree_util.tree_leaves(
+      state["opt_state"])
+  assert all(x.dtype != jnp.bfloat16 for x in leaves)
+  moved = max(float(np.max(np.abs(np.asarray(a[0]) - b))) for a, b in zip(
+      jax.tree_util.tree_leaves(state["params"]), jax.tree_util.tree_leaves(v["params"])))
+  assert moved > 0 and np.isfinite(float(m["total_loss"][0]))
+
+
+def test_init_from_imagenet_backbone_checkpoint(setup, tmp_path):
+  """config.weights = an ImageNet backbone .pkl (bare VoVNet keys + a classifier): the
+  bottom-up params come from the file, everything else is the fresh init; a checkpoint
+  with a wrong shape is refused by name."""
+  import pickle
+  from centermask_jax.checkpoints import official
+  c, model, v = setup
+  other = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(42), (128, 128)))
+  sd = official.export_state_dict(other)
+  prefix = "backbone.bottom_up."
+  bare = {k[len(prefix):]: val for k, val in sd.items() if k.startswith(prefix)}
+  bare["classifier.weight"] = np.ones((10, 512), np.float32)
+  path = tmp_path / "imagenet.pkl"
+  path.write_bytes(pickle.dumps({"model": bare}))
+  c = tiny_config()
+  c.weights = str(path)
+  got = trainer.init_variables(model, c, jax.random.PRNGKey(0))
+  bu_got, bu_src = got["params"]["backbone"]["bottom_up"], other["params"]["backbone"]["bottom_up"]
+  for a, b in zip(jax.tree_util.tree_leaves(bu_got), jax.tree_util.tree_leaves(bu_src)):
+    np.testing.assert_array_equal(a, b)
+  for part in ("proposal_generator.fcos_head", "roi_heads.mask_head"):
+    for a, b in zip(jax.tree_util.tree_leaves(got["params"][part]),
+                    jax.tree_util.tree_leaves(v["params"][part])):
+      np.testing.assert_array_equal(a, b)
+  key = next(k for k in bare if k.endswith("/conv.weight"))
+  bare[key] = bare[key][:, :1]
+  path.write_bytes(pickle.dumps({"model": bare}))
+  with pytest.raises(official.CheckpointMismatchError, match=key.replace("/", ".")[:20]):
+    trainer.init_variables(model, c, jax.random.PRNGKey(0))

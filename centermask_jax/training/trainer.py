@@ -50,12 +50,29 @@ def init_variables(model: CenterMask, config, rng):
   if os.path.isdir(path):
     _say(f"init: all variables from {path}")
     return ckpt_io.load_model_variables(path, model)
-  keys = official.read_state_dict(path)
-  if any(k.startswith("proposal_generator.") for k in keys):
+  state_dict = official.read_state_dict(path)
+  if any(k.startswith("proposal_generator.") for k in state_dict):
     _say(f"init: every part from the detector checkpoint {path}")
-    return official.import_checkpoint(variables, path)
-  _say(f"init: backbone.bottom_up from the ImageNet checkpoint {path}; the rest from scratch")
-  return official.import_checkpoint(variables, path, prefixes=("backbone.bottom_up.",))
+    return official.load_into(variables, state_dict, source=path)
+  return load_backbone(variables, state_dict, path)
+
+
+def load_backbone(variables, state_dict, source: str):
+  """ImageNet initialisation: the bottom-up network's keys from `state_dict` (with or
+  without the `backbone.bottom_up.` prefix), strictly (missing keys / bad shapes raise);
+  keys the backbone does not have (e.g. a classifier) are ignored and reported."""
+  from centermask_jax.checkpoints import official
+  prefix = "backbone.bottom_up."
+  if not any(k.startswith("backbone.") for k in state_dict):
+    state_dict = {prefix + k: v for k, v in state_dict.items()}
+  expected = official.expected_keys(variables)
+  extra = sorted(k for k in state_dict if k not in expected)
+  if extra:
+    _say(f"init: ignoring {len(extra)} checkpoint key(s) the backbone does not have: "
+         + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
+  state_dict = {k: v for k, v in state_dict.items() if k in expected}
+  _say(f"init: {prefix[:-1]} from the ImageNet checkpoint {source}; the rest from scratch")
+  return official.load_into(variables, state_dict, prefixes=(prefix,), source=source)
 
 
 def _make_iterator(config, d, b):
