@@ -47,6 +47,6 @@ def get_config():
   c.train.log_every = 20
   c.train.checkpoint_every = 250
   c.train.keep_checkpoints = 2
-  c.train.eval_every = 0       # evaluate the val split once, at max_iter
+  c.train.eval_every = -1      # no in-training eval: the README runs eval.py right after
   c.lock()
   return c
