@@ -28,6 +28,8 @@ def main(argv):
   del argv
   import jax
   if FLAGS.coordinator_address or FLAGS.num_processes > 1:
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from absl import logging as absl_logging

@@ -131,7 +131,8 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   lr_fn = opt_lib.lr_schedule(config)
   _say(f"{config.get('name', '')}: backbone {config.model.backbone.variant}, "
        f"{count_values(variables) / 1e6:.2f} M values, {config.model.num_classes} classes")
-  _say(f"SGD momentum {config.optim.momentum}, wd {config.optim.weight_decay}, "
+  opt_name = {"sgd": "SGD momentum", "adamw": "AdamW b1"}[str(config.optim.optimizer).lower()]
+  _say(f"{opt_name} {config.optim.momentum}, wd {config.optim.weight_decay}, "
        f"lr {opt_lib.scaled_base_lr(config):g} (= {config.optim.base_lr:g} x {global_batch}/"
        f"{config.optim.ims_per_batch}), warmup {config.optim.warmup_iters}, steps "
        f"{tuple(config.optim.steps)}, max_iter {max_iter}, bf16 {bool(t.bf16)}")
