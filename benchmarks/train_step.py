@@ -8,8 +8,8 @@ device on every local device. Each config runs in a fresh subprocess (peak memor
 own). The timed function is the real pmapped update step (`training.step`: forward, FCOS
 targets and losses, train proposals + NMS, RoI matching, pycocotools mask targets, mask
 and MaskIoU losses, backward, SGD) on the landscape training canvas of the config's
-largest train size, with random weights and a random batch of 8 box/polygon instances
-per image. Peak memory: process RSS on CPU, the allocator's peak on GPU/TPU.
+largest train size, with random weights and a random unit-scale batch with 8 box/polygon
+instances per image. Peak memory: process RSS on CPU, the allocator's peak on GPU/TPU.
 """
 import argparse
 import json
@@ -47,7 +47,8 @@ def random_batch(config, d, b, canvas, rng, instances=8):
   valid[..., :instances] = True
   hw = np.broadcast_to(np.array([h, w], np.int32), shape + (2,)).copy()
   return {
-      "image": rng.normal(0, 50, shape + (h, w, 3)).astype(np.float32),
+      # unit scale: random (not ImageNet) weights overflow on raw 0-255-scale pixels
+      "image": rng.normal(0, 1, shape + (h, w, 3)).astype(np.float32),
       "image_hw": hw, "padded_hw": hw, "orig_hw": hw,
       "image_id": np.arange(d * b, dtype=np.int32).reshape(shape),
       "is_real": np.ones(shape, bool),
