@@ -1,10 +1,11 @@
 """One process of the 2-process jax.distributed test (tests/test_distributed.py).
 
-  python tests/dist_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR OUT.npz
+  python tests/dist_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR OUT.npz [DATA_DIR]
 
 Runs 2 train steps of the tiny test config through `trainer.train_and_evaluate` with gloo
-CPU collectives; each process feeds its own half of every global batch. Writes the final
-params (flattened) to OUT.npz.
+CPU collectives; each process feeds its own half of every global batch. With DATA_DIR (a
+prepared dataset named "four"), the evaluation hook then runs at step 2 = max_iter on its
+val split, sharded over the processes. Writes the final params (flattened) to OUT.npz.
 """
 import os
 import sys
@@ -16,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def main():
   port, pid, nproc, workdir, out = sys.argv[1:6]
+  data_dir = sys.argv[6] if len(sys.argv) > 6 else None
   pid, nproc = int(pid), int(nproc)
   import jax
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -38,10 +40,15 @@ def main():
 
   c = tiny_config()
   c.train.global_batch = nproc
+  if data_dir:
+    c.data.name, c.data.data_dir = "four", data_dir
+    c.optim.max_iter = 2
+    c.train.eval_every = 0
   res = trainer.train_and_evaluate(c, workdir, Shard(1, 1), num_steps=2,
                                    async_checkpoints=False, quiet=True)
   flat = traverse_util.flatten_dict(res["state"]["params"], sep="/")
   np.savez(out, step=res["step"], loss=res["metrics"]["total_loss"],
+           evaluated=sorted(res["eval"]),
            **{k: np.asarray(v) for k, v in flat.items()})
   jax.distributed.shutdown()
 

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from centermask_jax.training import trainer
+from conftest import TINY_COCO
 from test_train import FakeIterator, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -21,12 +22,28 @@ def _free_port():
 
 def test_two_processes_end_with_identical_params(tmp_path):
   """2 processes x 1 device, 2 steps: both end with bit-identical params, equal to one
-  process training on 2 devices with the same global batches."""
+  process training on 2 devices with the same global batches. With tiny_coco present, the
+  evaluation hook then runs at max_iter on 4 real images sharded over both processes."""
+  data_args = []
+  if TINY_COCO.exists():
+    import contextlib
+    import io
+    from centermask_jax.data import prepare
+    from test_overfit import four_image_subset
+    four_image_subset(str(TINY_COCO), tmp_path / "four.json")
+    with contextlib.redirect_stdout(io.StringIO()):
+      assert prepare.main(["--name", "four", "--data-dir", str(tmp_path / "tfds"),
+                           "--train-json", str(tmp_path / "four.json"),
+                           "--train-images", str(TINY_COCO / "train2017"),
+                           "--val-json", str(tmp_path / "four.json"),
+                           "--val-images", str(TINY_COCO / "train2017")]) == 0
+    data_args = [str(tmp_path / "tfds")]
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_worker.py"), str(port),
-                             str(i), "2", str(tmp_path / "run"), str(tmp_path / f"p{i}.npz")],
+                             str(i), "2", str(tmp_path / "run"), str(tmp_path / f"p{i}.npz"),
+                             *data_args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   logs = []
@@ -43,11 +60,19 @@ def test_two_processes_end_with_identical_params(tmp_path):
   assert "process 0/2" in logs[0] and "2 total" in logs[0]
   r0, r1 = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "p1.npz")
   assert int(r0["step"]) == int(r1["step"]) == 2
-  keys = [k for k in r0.files if k not in ("step", "loss")]
-  assert len(keys) > 50 and set(keys) == set(r1.files) - {"step", "loss"}
+  meta = ("step", "loss", "evaluated")
+  keys = [k for k in r0.files if k not in meta]
+  assert len(keys) > 50 and set(keys) == set(r1.files) - set(meta)
   for k in keys:
     np.testing.assert_array_equal(r0[k], r1[k], err_msg=k)
   assert float(r0["loss"]) == float(r1["loss"])
+  if data_args:
+    assert list(r0["evaluated"]) == list(r1["evaluated"]) == [2]
+    assert "FAILED" not in logs[0] + logs[1], logs[0][-3000:]
+    import json
+    with open(tmp_path / "run" / "eval" / "step_2" / "metrics.json") as f:
+      metrics = json.load(f)
+    assert set(metrics) == {"bbox", "segm"}
 
   # Same global batches on one process with 2 local devices.
   c = tiny_config()

@@ -252,9 +252,13 @@ class _EvalHook:
       if self.evaluator is None:
         self.evaluator = ev_lib.Evaluator(self.config, devices=self.devices)
       variables = {"params": rstate["params"], "frozen_bn": rstate["frozen_bn"]}
+      replicated = jax.process_count() == 1
+      if not replicated:  # the train state spans all processes; evaluate a local copy
+        variables = jax.tree_util.tree_map(
+            lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), variables)
       out_dir = os.path.join(self.workdir, "eval", f"step_{step}")
       metrics = ev_lib.run_evaluation(self.config, variables, workdir=out_dir,
-                                      replicated=True, evaluator=self.evaluator)
+                                      replicated=replicated, evaluator=self.evaluator)
     except Exception as e:  # noqa: BLE001 - evaluation must not kill a long training run
       self.failures += 1
       log.warning("evaluation at step %d failed: %s: %s", step, type(e).__name__, e)
