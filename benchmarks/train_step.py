@@ -7,8 +7,8 @@ Defaults: CenterMask-Lite V-19-slim-DW at 600 px and CenterMask V-39 at 800 px, 
 device on every local device. Each config runs in a fresh subprocess (peak memory is its
 own). The timed function is the real pmapped update step (`training.step`: forward, FCOS
 targets and losses, train proposals + NMS, RoI matching, pycocotools mask targets, mask
-and MaskIoU losses, backward, SGD) on the landscape training canvas of the config's
-largest train size, with random weights and a random unit-scale batch with 8 box/polygon
+and MaskIoU losses, backward, the config's optimiser) on the config's landscape training
+canvas, with random weights and a random unit-scale batch with 8 box/polygon
 instances per image. Peak memory: process RSS on CPU, the allocator's peak on GPU/TPU.
 """
 import argparse
@@ -78,7 +78,8 @@ def run_one(config_path, per_device_batch, iters, overrides):
   devices = jax.local_devices()
   d, b = len(devices), per_device_batch
   sizes = cfg.input.min_size_train
-  canvas = transforms.canvas_hw(max(sizes), cfg.input.max_size_train, True)
+  canvas = transforms.canvas_hw(max(sizes), cfg.input.max_size_train, True,
+                                override=tuple(cfg.input.canvas_train) and cfg.input.canvas_train[0])
   model = CenterMask(cfg)
   variables = model.init(jax.random.PRNGKey(0), (128, 128))
   tx = opt_lib.make_optimizer(cfg, variables["params"])

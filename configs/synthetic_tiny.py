@@ -7,8 +7,8 @@ no download, then evaluates the val split (COCO tables):
 Rerun the second command to resume. Differences from the official Lite recipe, all for
 short from-scratch training on small images: trainable GroupNorm in the backbone instead
 of FrozenBN (there are no ImageNet statistics to freeze), AdamW instead of SGD, unit-scale
-pixel normalisation, 128-px images on a 128x192 canvas, narrower FPN / heads (64), fewer
-pre-NMS candidates during training.
+pixel normalisation, 128-px images on a 128x192 canvas, narrower FPN / heads (64), 300
+pre-NMS candidates per level (training and test).
 """
 from centermask_jax import config as base
 

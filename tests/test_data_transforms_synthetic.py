@@ -114,3 +114,19 @@ def test_synthetic_builds_and_feeds_pipeline(tmp_path):
          for i in e["image_id"][e["is_real"]]]
   assert sorted(ids) == sorted(im["id"] for im in
                                json.loads((src / "instances_val.json").read_text())["images"])
+
+
+def test_canvas_override_is_validated():
+  """input.canvas_train must be two (H, W) pairs, multiples of 32, holding every resized image."""
+  from centermask_jax import config as cfg_lib
+  from centermask_jax.data import pipeline
+  c = cfg_lib.base_config()
+  c.input.min_size_train, c.input.max_size_train = (128,), 183
+  c.input.canvas_train = ((128, 192), (192, 128))
+  prm = pipeline._input_params(c, True)
+  assert prm["canvases"] == ((128, 192), (192, 128))
+  for bad, needle in ((((128, 192),), "expected"), (((128, 160), (160, 128)), "cannot hold"),
+                      (((128, 200), (200, 128)), "multiple of 32")):
+    c.input.canvas_train = bad
+    with pytest.raises(ValueError, match=needle):
+      pipeline._input_params(c, True)

@@ -41,20 +41,22 @@ def test_two_processes_end_with_identical_params(tmp_path):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+  log_files = [open(tmp_path / f"p{i}.log", "w") for i in range(2)]  # files: no pipe stalls
   procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_worker.py"), str(port),
                              str(i), "2", str(tmp_path / "run"), str(tmp_path / f"p{i}.npz"),
                              *data_args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=log_files[i], stderr=subprocess.STDOUT)
            for i in range(2)]
-  logs = []
   for p in procs:
     try:
-      out, _ = p.communicate(timeout=420)
+      p.wait(timeout=420)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
       raise
-    logs.append(out)
+  for f in log_files:
+    f.close()
+  logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   assert "process 0/2" in logs[0] and "2 total" in logs[0]

@@ -242,6 +242,9 @@ def test_adamw_matches_numpy_with_decay_mask():
       p[mod][leaf] = p[mod][leaf] - 1e-3 * (mh / (np.sqrt(vh) + 1e-8) + wd * p[mod][leaf])
   for mod, leaf in (("conv", "kernel"), ("gn", "scale"), ("gn", "bias")):
     np.testing.assert_allclose(cur[mod][leaf], p[mod][leaf], rtol=1e-5, atol=1e-7)
+  c.optim.weight_decay_norm = 1e-4
+  with pytest.raises(ValueError, match="weight_decay_norm is not supported"):
+    O.make_optimizer(c, params)
   c.optim.optimizer = "lamb"
   with pytest.raises(ValueError, match="optim.optimizer='lamb'"):
     O.make_optimizer(c, params)

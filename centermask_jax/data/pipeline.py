@@ -89,6 +89,9 @@ def _input_params(config, train: bool) -> dict:
   sizes = tuple(int(s) for s in (sizes if isinstance(sizes, (tuple, list)) else (sizes,)))
   max_size = int(_get(inp, "max_size_train" if train else "max_size_test", 1333))
   canvas = _get(inp, "canvas_train" if train else "canvas_test", None)  # ((Hl, Wl), (Hp, Wp))
+  if canvas and (len(canvas) != 2 or any(len(c) != 2 for c in canvas)):
+    raise ValueError(f"input.canvas_{'train' if train else 'test'}={tuple(canvas)}: expected "
+                     "((H, W) landscape, (H, W) portrait)")
   land = transforms.canvas_hw(max(sizes), max_size, True, override=canvas and canvas[0])
   port = transforms.canvas_hw(max(sizes), max_size, False, override=canvas and canvas[1])
   div = int(_get(inp, "size_divisibility", 32))

@@ -9,6 +9,7 @@ the 100 train proposals (as a set), the foreground RoI sets, their 28x28 mask ta
 import functools
 import json
 import os
+import re
 from typing import Dict, Optional, Sequence, Tuple
 
 import jax
@@ -29,11 +30,12 @@ def load_fixture_gt(fixture: str, g: Optional[int] = None, p: Optional[int] = No
   """
   with open(os.path.join(fixture, "gt_instances.json")) as f:
     gj = json.load(f)
-  names = sorted((k for k in gj if k.startswith("img")), key=lambda k: int(k[3:]))
+  names = sorted((k for k in gj if re.fullmatch(r"img\d+", k)), key=lambda k: int(k[3:]))
   imgs = [gj[k] for k in names]
-  g = g or max(len(d["classes"]) for d in imgs)
-  p = p or max(len(polys) for d in imgs for polys in d["polygons"])
-  v = v or max(len(poly) // 2 for d in imgs for polys in d["polygons"] for poly in polys)
+  g = g or max((len(d["classes"]) for d in imgs), default=1)
+  p = p or max((len(polys) for d in imgs for polys in d["polygons"]), default=1)
+  v = v or max((len(poly) // 2 for d in imgs for polys in d["polygons"] for poly in polys),
+               default=3)
   n = len(imgs)
   gt = {"gt_boxes": np.zeros((n, g, 4), np.float32), "gt_classes": np.zeros((n, g), np.int32),
         "gt_valid": np.zeros((n, g), bool), "gt_polys": np.zeros((n, g, p, v, 2), np.float32),
@@ -97,7 +99,9 @@ def run_train(rep, cfg, model, variables, images: np.ndarray, image_hw, padded_h
     rep.exact("train_fcos_reg_targets_pos", reg_t[pos], tr["fcos_reg_targets_levelfirst"][pos])
   else:
     rep.exact("train_fcos_reg_targets_pos", reg_t, tr["fcos_reg_targets_levelfirst"])
-  outside = int(np.sum(np.asarray(tg["labels"]) != cfg.model.num_classes)) - int(pos.sum())
+  bg = cfg.model.num_classes
+  outside = sum(int(np.sum(a[:, h:] != bg) + np.sum(a[:, :h, w:] != bg))
+                for a, (h, w) in zip(T.split_levels(np.asarray(tg["labels"]), level_hw), official))
   rep.add(Line("train_fcos_positives_outside_region", float(outside), 0.0, "exact", outside == 0))
   rep.exact("train_fcos_num_pos", int(round(float(aux["num_pos"]))), int(tr["fcos_num_pos"]))
 

@@ -102,6 +102,9 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
   name = str(o.get("optimizer", "sgd")).lower()
   if name not in ("sgd", "adamw"):
     raise ValueError(f"optim.optimizer={name!r}: expected 'sgd' or 'adamw'")
+  if name == "adamw" and float(o.weight_decay_norm):
+    raise ValueError("optim.weight_decay_norm is not supported with optim.optimizer='adamw' "
+                     "(it would be coupled L2 on norm parameters next to AdamW's decoupled decay)")
   parts = []
   if name == "sgd":
     parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=dmask))

@@ -66,11 +66,11 @@ def load_backbone(variables, state_dict, source: str):
   if not any(k.startswith("backbone.") for k in state_dict):
     state_dict = {prefix + k: v for k, v in state_dict.items()}
   expected = official.expected_keys(variables)
-  extra = sorted(k for k in state_dict if k not in expected)
+  extra = sorted(k for k in state_dict if not (k.startswith(prefix) and k in expected))
   if extra:
     _say(f"init: ignoring {len(extra)} checkpoint key(s) the backbone does not have: "
          + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
-  state_dict = {k: v for k, v in state_dict.items() if k in expected}
+  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k in expected}
   _say(f"init: {prefix[:-1]} from the ImageNet checkpoint {source}; the rest from scratch")
   return official.load_into(variables, state_dict, prefixes=(prefix,), source=source)
 
@@ -236,7 +236,8 @@ class _EvalHook:
 
   Writes WORKDIR/eval/step_<N>/{bbox,segm}_results.json + metrics.json and TensorBoard
   scalars eval/{bbox,segm}_<metric>. A failing evaluation (e.g. no val split) is reported
-  and counted, never fatal to the training run.
+  and counted, never fatal to a single-process run (a multi-process run stops, since the
+  processes would otherwise hang in mismatched collectives).
   """
 
   def __init__(self, config, workdir: str, devices, writer):
@@ -260,6 +261,12 @@ class _EvalHook:
       metrics = ev_lib.run_evaluation(self.config, variables, workdir=out_dir,
                                       replicated=replicated, evaluator=self.evaluator)
     except Exception as e:  # noqa: BLE001 - evaluation must not kill a long training run
+      if jax.process_count() > 1:
+        # The other processes may be waiting in the evaluation's cross-process gather:
+        # carrying on would desynchronise the collectives and hang the run.
+        raise RuntimeError(f"evaluation at step {step} failed on process "
+                           f"{jax.process_index()} ({type(e).__name__}: {e}); a multi-process "
+                           "run stops here (the checkpoint of this step is saved)") from e
       self.failures += 1
       log.warning("evaluation at step %d failed: %s: %s", step, type(e).__name__, e)
       _say(f"evaluation at step {step} FAILED ({type(e).__name__}: {e}); training goes on "
