@@ -1,7 +1,7 @@
 """Train-step benchmark: compile seconds, step time, images/s and peak memory.
 
   python benchmarks/train_step.py [--config configs/A.py configs/B.py] [--per_device_batch 2]
-      [--iters 5] [--set key=value ...]
+      [--iters 5] [--config.key=value ...]
 
 Defaults: CenterMask-Lite V-19-slim-DW at 600 px and CenterMask V-39 at 800 px, batch 2 per
 device on every local device. Each config runs in a fresh subprocess (peak memory is its
@@ -115,17 +115,11 @@ def main():
   ap.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS))
   ap.add_argument("--per_device_batch", type=int, default=2)
   ap.add_argument("--iters", type=int, default=5)
-  ap.add_argument("--set", nargs="*", default=[], help="config overrides key=value")
   ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
-  args = ap.parse_args()
-  import ast
-  overrides = {}
-  for kv in args.set:
-    k, v = kv.split("=", 1)
-    try:
-      overrides[k] = ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-      overrides[k] = v
+  args, extra = ap.parse_known_args()
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from eval import parse_overrides  # the --config.key=value parser of eval.py / demo.py
+  overrides = parse_overrides(extra)
   if args._child:
     print(json.dumps(run_one(args.config[0], args.per_device_batch, args.iters, overrides)))
     return
@@ -134,7 +128,7 @@ def main():
   for config in args.config:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--config", config,
            "--per_device_batch", str(args.per_device_batch), "--iters", str(args.iters),
-           "--set", *args.set]
+           *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
       print(f"{config}: FAILED\n{out.stderr[-3000:]}", flush=True)

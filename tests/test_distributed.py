@@ -26,18 +26,8 @@ def test_two_processes_end_with_identical_params(tmp_path):
   evaluation hook then runs at max_iter on 4 real images sharded over both processes."""
   data_args = []
   if TINY_COCO.exists():
-    import contextlib
-    import io
-    from centermask_jax.data import prepare
-    from test_overfit import four_image_subset
-    four_image_subset(str(TINY_COCO), tmp_path / "four.json")
-    with contextlib.redirect_stdout(io.StringIO()):
-      assert prepare.main(["--name", "four", "--data-dir", str(tmp_path / "tfds"),
-                           "--train-json", str(tmp_path / "four.json"),
-                           "--train-images", str(TINY_COCO / "train2017"),
-                           "--val-json", str(tmp_path / "four.json"),
-                           "--val-images", str(TINY_COCO / "train2017")]) == 0
-    data_args = [str(tmp_path / "tfds")]
+    from test_overfit import prepare_four
+    data_args = [prepare_four(TINY_COCO, tmp_path)[0]]
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
@@ -79,8 +69,7 @@ def test_two_processes_end_with_identical_params(tmp_path):
   # Same global batches on one process with 2 local devices.
   c = tiny_config()
   c.train.global_batch = 2
-  from centermask_jax.training import step as S  # noqa: F401  (same code path)
-  ref = trainer.train_and_evaluate(c, str(tmp_path / "single"), _TwoDevice(), num_steps=2,
+  ref = trainer.train_and_evaluate(c, str(tmp_path / "single"), FakeIterator(2, 1), num_steps=2,
                                    async_checkpoints=False, quiet=True,
                                    devices=jax.local_devices()[:2])
   from flax import traverse_util
@@ -89,8 +78,3 @@ def test_two_processes_end_with_identical_params(tmp_path):
   for k in keys:
     np.testing.assert_allclose(r0[k], np.asarray(flat[k]), rtol=1e-5, atol=1e-6 * scale,
                                err_msg=k)
-
-
-class _TwoDevice(FakeIterator):
-  def __init__(self):
-    super().__init__(2, 1)

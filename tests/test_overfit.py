@@ -39,6 +39,21 @@ def four_image_subset(tiny_coco, dst):
   return sub
 
 
+def prepare_four(tiny_coco, tmp_path):
+  """Builds the 4-image subset as tfds dataset "four" (train and val = the same images)
+  -> (data_dir, subset JSON dict, prepare's stdout)."""
+  sub = four_image_subset(str(tiny_coco), tmp_path / "four.json")
+  data_dir = str(tmp_path / "tfds")
+  with contextlib.redirect_stdout(io.StringIO()) as out:
+    rc = prepare.main(["--name", "four", "--data-dir", data_dir,
+                       "--train-json", str(tmp_path / "four.json"),
+                       "--train-images", str(tiny_coco / "train2017"),
+                       "--val-json", str(tmp_path / "four.json"),
+                       "--val-images", str(tiny_coco / "train2017")])
+  assert rc == 0, out.getvalue()
+  return data_dir, sub, out.getvalue()
+
+
 def overfit_config(data_dir, num_classes):
   c = base_config()
   lite(c)
@@ -78,17 +93,9 @@ def overfit_config(data_dir, num_classes):
 
 
 def test_tiny_model_overfits_four_real_images_and_evaluates(tiny_coco, tmp_path):
-  sub = four_image_subset(str(tiny_coco), tmp_path / "four.json")
+  data_dir, sub, out = prepare_four(tiny_coco, tmp_path)
   assert len(sub["images"]) == 4
-  data_dir = str(tmp_path / "tfds")
-  with contextlib.redirect_stdout(io.StringIO()) as out:
-    rc = prepare.main(["--name", "four", "--data-dir", data_dir,
-                       "--train-json", str(tmp_path / "four.json"),
-                       "--train-images", str(tiny_coco / "train2017"),
-                       "--val-json", str(tmp_path / "four.json"),
-                       "--val-images", str(tiny_coco / "train2017")])
-  assert rc == 0, out.getvalue()
-  assert "split=train images=4 " in out.getvalue()
+  assert "split=train images=4 " in out
   c = overfit_config(data_dir, len(sub["categories"]))
   workdir = str(tmp_path / "run")
   res = trainer.train_and_evaluate(c, workdir, async_checkpoints=False, quiet=True)

@@ -7,6 +7,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 
+from centermask_jax.tools.parity_train import crop_level_first, sorted_fg
 from centermask_jax.training import mask_targets as MT
 from centermask_jax.training import targets as T
 from fixture_gt import load_gt
@@ -34,12 +35,6 @@ def level_shapes(fixture):
   return [tuple(ev[f"fcos_ctrness_{l}"].shape[2:]) for l in LEVELS]
 
 
-def to_level_first(x, level_hw):
-  """[N, T, ...] image-first -> [sum_l N*Hl*Wl, ...] level -> image -> row -> col."""
-  return np.concatenate([a.reshape((-1,) + a.shape[3:])
-                         for a in T.split_levels(np.asarray(x), level_hw)])
-
-
 @pytest.mark.parametrize("canvas", ["official", "larger"])
 def test_fcos_targets_match_fixture(lite_fixture, canvas):
   tr, gt = load_train(lite_fixture)
@@ -50,14 +45,11 @@ def test_fcos_targets_match_fixture(lite_fixture, canvas):
                        np.array([PADDED] * 2, np.int32))
   labels, reg, valid = (np.asarray(out[k]) for k in ("labels", "reg_targets", "loc_valid"))
   # Crop every level to the official region (and check what lies outside it).
-  crop = lambda x: np.concatenate(
-      [a[:, :h, :w].reshape((2, h * w) + a.shape[3:])
-       for a, (h, w) in zip(T.split_levels(x, level_hw), official)], axis=1)
   assert valid.sum() == 2 * sum(h * w for h, w in official)
-  assert crop(valid).all()
+  assert crop_level_first(valid, level_hw, official).all()
   assert np.all(labels[~valid] == 80)
-  lab_lf = to_level_first(crop(labels), official)
-  reg_lf = to_level_first(crop(reg), official)
+  lab_lf = crop_level_first(labels, level_hw, official)
+  reg_lf = crop_level_first(reg, level_hw, official)
   ref_labels = tr["fcos_labels_levelfirst"]
   np.testing.assert_array_equal(lab_lf, ref_labels)
   pos = ref_labels < 80
@@ -143,14 +135,6 @@ def fixture_rois(tr, gt):
   props = np.stack([tr[f"img{i}_train_proposals_boxes"] for i in range(2)])
   return T.match_rois(props, np.ones(props.shape[:2], bool), gt["gt_boxes"], gt["gt_classes"],
                       gt["gt_valid"], gt["image_hw"])
-
-
-def sorted_fg(rois, i, *arrays):
-  """Foreground rows of image i, sorted by (x0, y0, x1, y1) like the fixture."""
-  fg = np.asarray(rois["fg"][i])
-  boxes = np.asarray(rois["boxes"][i])[fg]
-  order = np.lexsort(boxes.T[::-1])
-  return [np.asarray(a[i])[fg][order] for a in arrays]
 
 
 def test_match_rois_fixture(lite_fixture):

@@ -60,10 +60,11 @@ def crop_level_first(x: np.ndarray, level_hw: Sequence[Tuple[int, int]],
   return np.concatenate(parts)
 
 
-def _sorted_fg(fg_rois: Dict[str, np.ndarray], i: int, *arrays):
-  """Foreground rows of image i sorted by (x0, y0, x1, y1), the fixture's order."""
-  fg = fg_rois["fg"][i]
-  boxes = fg_rois["boxes"][i][fg]
+def sorted_fg(rois: Dict[str, np.ndarray], i: int, *arrays):
+  """Foreground rows of image i (rois["fg"], rois["boxes"] [N, R, ...]) of each array
+  [N, R, ...], sorted by (x0, y0, x1, y1): the order of train_outputs.npz."""
+  fg = np.asarray(rois["fg"][i])
+  boxes = np.asarray(rois["boxes"][i])[fg]
   order = np.lexsort(boxes.T[::-1])
   return [np.asarray(a[i])[fg][order] for a in arrays]
 
@@ -77,7 +78,6 @@ def run_train(rep, cfg, model, variables, images: np.ndarray, image_hw, padded_h
   n = images.shape[0]
   batch = dict(gt, image=jnp.asarray(images), image_hw=jnp.asarray(image_hw, jnp.int32),
                padded_hw=jnp.asarray(padded_hw, jnp.int32))
-  batch["image_hw"] = jnp.asarray(gt["image_hw"])
   loss = jax.jit(functools.partial(step_lib.loss_fn, model=model, config=cfg, axis_name=None,
                                    capture=True))
   _, aux = jax.device_get(loss(variables["params"], variables["frozen_bn"], batch,
@@ -117,7 +117,7 @@ def run_train(rep, cfg, model, variables, images: np.ndarray, image_hw, padded_h
     rep.exact(f"img{i}_fg_roi_count", nfg, ref_n)
     if nfg != ref_n:
       continue
-    boxes, cls, gtb, lvl, mt, prob, iou_t, iou_p = _sorted_fg(
+    boxes, cls, gtb, lvl, mt, prob, iou_t, iou_p = sorted_fg(
         fg, i, fg["boxes"], fg["gt_classes"], fg["gt_boxes"], fg["levels"],
         inter["mask_targets"], inter["mask_prob_gtcls"], inter["maskiou_targets"],
         inter["maskiou_pred_gtcls"])

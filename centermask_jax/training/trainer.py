@@ -66,13 +66,13 @@ def load_backbone(variables, state_dict, source: str):
   if not any(k.startswith("backbone.") for k in state_dict):
     state_dict = {prefix + k: v for k, v in state_dict.items()}
   expected = official.expected_keys(variables)
-  extra = sorted(k for k in state_dict if not (k.startswith(prefix) and k in expected))
+  keep = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k in expected}
+  extra = sorted(set(state_dict) - set(keep))
   if extra:
     _say(f"init: ignoring {len(extra)} checkpoint key(s) the backbone does not have: "
          + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
-  state_dict = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k in expected}
   _say(f"init: {prefix[:-1]} from the ImageNet checkpoint {source}; the rest from scratch")
-  return official.load_into(variables, state_dict, prefixes=(prefix,), source=source)
+  return official.load_into(variables, keep, prefixes=(prefix,), source=source)
 
 
 def _make_iterator(config, d, b):
@@ -181,7 +181,6 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   try:
     while step < end:
       batch = next(train_iter)
-      t0 = time.time()
       rstate, metrics = p_step(rstate, batch, step_rng)
       metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
       step += 1
@@ -210,7 +209,6 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
           writer.flush()
         log.info("step %d: %s", step, {k: round(v, 5) for k, v in metrics.items()})
         t_last, n_last = time.time(), 0
-      del t0
       if (every and step % every == 0) or step == end:
         checkpointing.save(mgr, step, step_lib.unreplicate(rstate), train_iter.get_state(),
                            config)
