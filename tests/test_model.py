@@ -180,3 +180,19 @@ def test_vovnet_gn_backbone_is_padding_exact_and_named_like_detectron2():
   c.model.backbone.name, c.model.backbone.norm = "resnet", "GN"
   with pytest.raises(ValueError, match="only supported for VoVNet"):
     CenterMask(c).init(jax.random.PRNGKey(0))
+
+
+def test_ese_hsigmoid_matches_pytorch_values_and_gradients():
+  """eSE gate = relu6(x + 3) / 6: bit-equal to PyTorch's float32 forward (true division,
+  not a reciprocal multiply) and its gradient, which is 0 at the clip edges x = +-3."""
+  torch = pytest.importorskip("torch")
+  from centermask_jax.models.vovnet import hsigmoid
+  x = np.concatenate([np.float32([-3.0, 3.0, -3.5, 3.5, 0.0]),
+                      np.random.default_rng(0).normal(0, 2.5, 20000).astype(np.float32)])
+  xt = torch.from_numpy(x.copy()).requires_grad_(True)
+  yt = torch.nn.functional.relu6(xt + 3.0) / 6.0
+  yt.sum().backward()
+  y, g = jax.jit(jax.vmap(jax.value_and_grad(hsigmoid)))(jnp.asarray(x))
+  np.testing.assert_array_equal(np.asarray(y), yt.detach().numpy())
+  np.testing.assert_array_equal(np.asarray(g), xt.grad.numpy())
+  assert np.asarray(g)[:2].tolist() == [0.0, 0.0]

@@ -235,6 +235,46 @@ def test_assign_levels_rule():
   assert list(got[0][:7]) == sorted(got[0][:7]) and got[0][3] == 1 and got[0][2] == 1
 
 
+def _torch_levels(boxes, hw):
+  """centermask2's assign_boxes_to_levels_by_ratio in PyTorch float32 (eps included)."""
+  import sys
+  torch = pytest.importorskip("torch")
+  b = torch.from_numpy(boxes)
+  box_area = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+  img_area = torch.tensor(float(hw[0] * hw[1]), dtype=torch.float32).expand_as(box_area)
+  k = torch.ceil(5 - torch.log2(img_area / box_area + sys.float_info.epsilon))
+  return (torch.clamp(k, min=3, max=5).to(torch.int64) - 3).numpy()
+
+
+def test_assign_levels_comparisons_match_pytorch_and_exact_boundaries():
+  """Ratio rule as comparisons (r >= 4 -> P3, r >= 2 -> P4): equal to PyTorch's log2 form
+  on random boxes of every level, and at r = 2, 4 exactly and one float32 ulp either side
+  the exact-arithmetic answer (where log2 rounding could move a box)."""
+  rng = np.random.default_rng(3)
+  hw = (600, 800)
+  a_img = F32(hw[0] * hw[1])
+  w = rng.uniform(1, 1200, 4000).astype(F32)
+  h = rng.uniform(1, 900, 4000).astype(F32)
+  x0 = rng.uniform(-50, 700, 4000).astype(F32)
+  y0 = rng.uniform(-50, 500, 4000).astype(F32)
+  boxes = np.stack([x0, y0, x0 + w, y0 + h], -1)[None]
+  got = np.asarray(jax.jit(ra.assign_levels)(boxes, np.array([hw], np.int32)))
+  want = _torch_levels(boxes, hw)
+  np.testing.assert_array_equal(got, want)
+  assert set(np.unique(got)) == {0, 1, 2}
+  # boundaries: box area a_img / r for r at 2, 4 and their float32 neighbours (x1 = area / h)
+  rows = []
+  for r0 in (4.0, 2.0):
+    for r in (np.nextafter(F32(r0), F32(0)), F32(r0), np.nextafter(F32(r0), F32(10))):
+      rows.append((0, 0, a_img / r / F32(100), F32(100)))
+  b = np.array([rows], F32)
+  ratio = a_img / ((b[0, :, 2] - b[0, :, 0]) * (b[0, :, 3] - b[0, :, 1]))
+  assert {F32(2), F32(4)} <= set(ratio.tolist())
+  want = [(0 if q >= 4 else 1 if q >= 2 else 2) for q in ratio]
+  got = np.asarray(jax.jit(ra.assign_levels)(b, np.array([hw], np.int32)))[0]
+  np.testing.assert_array_equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------
 # Official fixture
 # ---------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ import math
 from typing import Dict, Tuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from centermask_jax.models import layers as L
+from centermask_jax.ops.numerics import exact_div
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +47,10 @@ VOVNET_SPECS: Dict[str, VoVNetSpec] = {
 _he = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
-def _hsigmoid(x):
-  return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
+def hsigmoid(x):
+  """eSE gate as centermask2's Hsigmoid: relu6(x + 3) / 6 (float32 ops in that order, true
+  division). Gradient 0 at x = -3 and x = 3 like PyTorch's relu6 (hardtanh) backward."""
+  return exact_div(jax.nn.relu6(x + 3.0), jnp.float32(6.0))
 
 
 NORMS = ("FrozenBN", "GN")
@@ -115,7 +119,7 @@ class OSAModule(nn.Module):
     y = cnr(jnp.concatenate(outputs, -1), mask, f"concat.{tag}_concat", self.concat_ch, 1)
     gate = L.masked_mean(y, mask)
     gate = L.Conv(self.concat_ch, 1, use_bias=True, kernel_init=_he, name="ese.fc")(gate)
-    y = y * _hsigmoid(gate)
+    y = y * hsigmoid(gate)
     if self.identity:
       y = y + block_input
     return y

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from centermask_jax.ops import boxes as box_ops
+from centermask_jax.ops.numerics import exact_div
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -38,27 +39,21 @@ def assign_levels(boxes, image_hw, k_min: int = 3, k_max: int = 5):
 
   boxes [N, R, 4] resized-image pixels, image_hw [N, 2] resized unpadded (h, w)
   -> int32 [N, R] level index in 0..k_max-k_min (0 = P{k_min}).
-  k = clamp(ceil(k_max - log2(A_img / A_box)), k_min, k_max) in float32; boxes of zero
-  (or negative, i.e. invalid/padding) area go to level 0.
+  k = clamp(ceil(k_max - log2(r)), k_min, k_max) with r = A_img / A_box (float32), written
+  as comparisons on r: k <= k_max - d  iff  r >= 2**d, so k = k_max - #{d : r >= 2**d}
+  (r >= 4 -> P3, r >= 2 -> P4, else P5 for levels 3..5). No log2 is evaluated, so no
+  backend's log rounding can move a box. Boxes of zero (or negative, i.e.
+  invalid/padding) area go to level 0.
   """
   boxes = jnp.asarray(boxes, jnp.float32)
   image_hw = jnp.asarray(image_hw)
   img_area = (image_hw[..., 0] * image_hw[..., 1]).astype(jnp.float32)[..., None]
   box_area = box_ops.area(boxes)
   positive = box_area > 0
-  ratio = img_area / jnp.where(positive, box_area, 1.0)
-  k = jnp.ceil(k_max - jnp.log2(ratio))
-  k = jnp.where(positive, jnp.clip(k, k_min, k_max), k_min)
-  return (k - k_min).astype(jnp.int32)
-
-
-def _exact_div(a, b):
-  """a / b with IEEE rounding under XLA (whose CPU backend turns a division by a
-  broadcast divisor into a multiply by its rounded reciprocal): the divisor is
-  materialised at full shape behind an optimization barrier."""
-  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
-  b = jax.lax.optimization_barrier(jnp.broadcast_to(b, shape))
-  return a / b
+  ratio = exact_div(img_area, jnp.where(positive, box_area, 1.0))
+  steps = sum((ratio >= jnp.float32(2.0 ** d)).astype(jnp.int32)
+              for d in range(1, k_max - k_min + 1))
+  return jnp.where(positive, k_max - k_min - steps, 0).astype(jnp.int32)
 
 
 def _axis_weights(lo, hi, size, canvas: int, scale, output_size: int,
@@ -79,7 +74,7 @@ def _axis_weights(lo, hi, size, canvas: int, scale, output_size: int,
   length = end - start
   if not aligned:
     length = jnp.maximum(length, f32(1.0))
-  bin_size = _exact_div(length, f32(S))                       # [N, R]
+  bin_size = exact_div(length, f32(S))                       # [N, R]
   if sampling_ratio > 0:
     grid = jnp.full_like(bin_size, f32(sampling_ratio))
     n_steps = sampling_ratio
@@ -106,7 +101,7 @@ def _axis_weights(lo, hi, size, canvas: int, scale, output_size: int,
   valid = idx < gridb
   safe_grid = jnp.where(gridb > 0, gridb, f32(1.0))
   # Same float order as the kernel: start + ph*bin + (i + .5) * bin / grid.
-  y = base + _exact_div((idx + f32(0.5)) * binb, safe_grid)     # [N, R, S, G]
+  y = base + exact_div((idx + f32(0.5)) * binb, safe_grid)     # [N, R, S, G]
   valid &= (y >= -1.0) & (y <= size_f)
   y = jnp.maximum(y, 0.0)
   y_low = jnp.floor(y)

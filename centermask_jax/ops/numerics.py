@@ -1,0 +1,13 @@
+"""Float32 arithmetic as PyTorch's CPU kernels round it, where XLA would not."""
+import jax
+import jax.numpy as jnp
+
+
+def exact_div(a, b):
+  """a / b with IEEE rounding under XLA (whose CPU backend turns a division by a
+  broadcast or constant divisor into a multiply by its rounded reciprocal, 1 ulp off
+  for ~15 % of quotients): the divisor is materialised at full shape behind an
+  optimization barrier. Shapes broadcast as for `a / b`."""
+  shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+  b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.result_type(a, b)), shape))
+  return a / b
