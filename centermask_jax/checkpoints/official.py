@@ -1,4 +1,8 @@
-"""Import official centermask2 (.pth) and detectron2 (.pkl) checkpoints into our variables.
+"""Import official centermask2 (.pth) and detectron2 / Caffe2 (.pkl) checkpoints.
+
+Formats are told apart by content (`read_checkpoint`); Caffe2 blob names are renamed as
+detectron2 does (`c2_names`); ImageNet backbone files are matched by key suffix
+(`load_backbone`).
 
 Our Flax names mirror the PyTorch module paths ('/' written as ':'), so every leaf
 of our variables has exactly one state-dict key (`torch_key`). Import is strict:
@@ -27,12 +31,23 @@ class CheckpointMismatchError(ValueError):
 
 
 # ------------------------------------------------------------------------ reading
+class CheckpointFormatError(ValueError):
+  """The file is not a checkpoint format we read; the message names what it is."""
+
+
+ACCEPTED = ("a PyTorch .pth (torch.save: zip or legacy pickle), a detectron2 .pkl "
+            "({'model': {name: array}}), a Caffe2/Detectron .pkl ({'blobs': {...}} or "
+            "{blob name: array}), a model checkpoint directory or a train.py workdir")
+_TORCH_LEGACY_MAGIC = 0x1950a86a20f9469cfc6c  # first object of a pre-1.6 torch.save file
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
   """Unpickler that reconstructs numpy arrays and plain containers only."""
   _ALLOWED = {
       ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
       ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
       ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
+      ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
   }
 
   def find_class(self, module, name):
@@ -43,34 +58,135 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         "numpy arrays")
 
 
-def read_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """Reads a .pth (torch, weights_only) or .pkl (numpy-only) checkpoint -> {key: float32}.
+def sniff_format(path: str) -> str:
+  """Names the file's format from its first bytes (not its extension).
 
-  Accepts a bare state dict or a dict with a "model" entry (detectron2 layout).
+  Returns "pytorch-zip", "pickle" (a detectron2/Caffe2 .pkl or a legacy torch.save
+  file; told apart when read), or a description of another format ("HDF5 (Keras / h5py)",
+  "NumPy .npz", "safetensors", "gzip", "text", "empty file", "unknown binary ...").
   """
+  with open(path, "rb") as f:
+    head = f.read(64)
+  if not head:
+    return "empty file"
+  if head.startswith(b"PK\x03\x04"):
+    import zipfile
+    try:
+      with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    except zipfile.BadZipFile:
+      return "damaged zip archive"
+    if any(n.endswith("data.pkl") for n in names):
+      return "pytorch-zip"
+    if names and all(n.endswith(".npy") for n in names):
+      return "NumPy .npz"
+    return f"zip archive without a torch data.pkl (entries: {', '.join(names[:3])})"
+  if head[0] == 0x80 and len(head) > 1 and 2 <= head[1] <= 5:
+    return "pickle"
+  if head.startswith(b"\x89HDF"):
+    return "HDF5 (Keras / h5py)"
+  if head.startswith(b"\x93NUMPY"):
+    return "NumPy .npy"
+  if head.startswith(b"\x1f\x8b"):
+    return "gzip"
+  if len(head) > 9 and head[8:10] == b'{"':
+    return "safetensors"
+  if head[:1] in (b"(", b"}", b"]"):  # pickle protocols 0/1
+    return "pickle"
+  try:
+    head.decode("utf-8")
+    return "text"
+  except UnicodeDecodeError:
+    return f"unknown binary (starts with {head[:8]!r})"
+
+
+def _not_a_checkpoint(path, what):
+  return CheckpointFormatError(f"{path} is {what}, not a checkpoint; expected {ACCEPTED}")
+
+
+def _torch_load(path):
+  try:
+    import torch  # optional dependency: pip install centermask_jax[torch]
+  except ImportError as e:
+    raise ImportError(f"{path} is a PyTorch checkpoint; reading it needs PyTorch: "
+                      "pip install 'centermask_jax[torch]'") from e
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise CheckpointFormatError(
+        f"{path}: refusing to load a PyTorch file that holds more than tensors "
+        f"(torch.load weights_only): {str(e).splitlines()[0]}") from None
+
+
+def _unpickle_numpy(path):
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    return _NumpyOnlyUnpickler(io.BytesIO(data), encoding="latin1").load()
+  except pickle.UnpicklingError as e:
+    raise CheckpointFormatError(f"{path}: {e}") from None
+  except Exception as e:  # noqa: BLE001 - truncated / not really a pickle
+    raise _not_a_checkpoint(path, f"an unreadable pickle ({type(e).__name__}: {e})") from None
+
+
+def _is_tensor_dict(obj) -> bool:
+  return isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj) and all(
+      hasattr(v, "shape") for v in obj.values())
+
+
+def read_checkpoint(path: str) -> Tuple[str, Dict[str, np.ndarray]]:
+  """Reads an official checkpoint, format detected by content -> (format, {key: array}).
+
+  format: "pytorch" (.pth, zip or legacy; a bare state dict or {"model"/"state_dict":
+  ...}), "detectron2-pkl" ({"model": {name: array}}, names as in PyTorch) or
+  "caffe2-pkl" (Caffe2 / Detectron: {"blobs": {...}} or a flat {blob: array} dict, blob
+  names renamed as detectron2 does, `*_momentum` dropped; see `c2_names`). Floating
+  arrays become float32. Pickles may hold numpy arrays only (anything else is refused);
+  a file of any other format raises CheckpointFormatError naming that format.
+  """
+  from centermask_jax.checkpoints import c2_names
   if not os.path.exists(path):
     raise FileNotFoundError(f"checkpoint not found: {path}")
-  if path.endswith(".pkl"):
-    with open(path, "rb") as f:
-      obj = _NumpyOnlyUnpickler(io.BytesIO(f.read()), encoding="latin1").load()
+  kind = sniff_format(path)
+  if kind == "pytorch-zip":
+    fmt, obj = "pytorch", _torch_load(path)
+  elif kind == "pickle":
+    obj = _unpickle_numpy(path)
+    if isinstance(obj, int) and obj == _TORCH_LEGACY_MAGIC:
+      fmt, obj = "pytorch", _torch_load(path)
+    elif isinstance(obj, dict) and isinstance(obj.get("blobs"), dict):
+      fmt, obj = "caffe2-pkl", obj["blobs"]
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+      fmt, obj = "detectron2-pkl", obj["model"]
+      if obj and c2_names.looks_like_caffe2(obj):
+        fmt = "caffe2-pkl"
+    elif _is_tensor_dict(obj):
+      fmt = "caffe2-pkl" if c2_names.looks_like_caffe2(obj) else "detectron2-pkl"
+    else:
+      raise _not_a_checkpoint(path, f"a pickle of {type(obj).__name__} without arrays")
   else:
-    try:
-      import torch  # optional dependency: pip install centermask_jax[torch]
-    except ImportError as e:
-      raise ImportError("reading .pth checkpoints needs PyTorch: "
-                        "pip install 'centermask_jax[torch]'") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
-    obj = obj["model"]
-  if not isinstance(obj, dict):
-    raise CheckpointMismatchError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    raise _not_a_checkpoint(path, "a file of format: " + kind)
+  if fmt == "pytorch" and isinstance(obj, dict):
+    for wrapper in ("model", "state_dict"):
+      if isinstance(obj.get(wrapper), dict):
+        obj = obj[wrapper]
+        break
+  if not _is_tensor_dict(obj):
+    raise _not_a_checkpoint(path, f"a {fmt} file whose content is not a {{name: tensor}} dict")
+  if fmt == "caffe2-pkl":
+    obj = c2_names.convert_blobs(obj)
   out = {}
   for k, v in obj.items():
     if hasattr(v, "detach"):  # torch tensor
       v = v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
     v = np.asarray(v)
     out[k] = v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
-  return out
+  return fmt, out
+
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """`read_checkpoint` without the format: {detectron2 key: array}."""
+  return read_checkpoint(path)[1]
 
 
 # ------------------------------------------------------------------------ naming
@@ -186,6 +302,53 @@ def load_into(variables, state_dict: Dict[str, np.ndarray], *, prefixes: Optiona
 def import_checkpoint(variables, path: str, prefixes: Optional[Iterable[str]] = None):
   """Reads `path` (.pth/.pkl) and loads it strictly into `variables`."""
   return load_into(variables, read_state_dict(path), prefixes=prefixes, source=path)
+
+
+FROZEN_BN_DEFAULTS = {"running_mean": 0.0, "running_var": 1.0}
+
+
+def align_backbone(expected: Dict[str, Tuple[int, ...]], state_dict: Dict[str, np.ndarray],
+                   prefix: str = "backbone.bottom_up."):
+  """Matches checkpoint keys to our `prefix` keys as detectron2 does for ImageNet files.
+
+  expected: {our state-dict key: shape} (e.g. `expected_keys(variables)`). A checkpoint
+  key k matches our key K when K == k or K ends with "." + k (so bare ImageNet names,
+  `backbone.bottom_up.` names and renamed Caffe2 blobs all match); the longest match
+  wins; a leading "module." (DataParallel) is dropped first. FrozenBN `running_mean` /
+  `running_var` the file lacks are set to 0 / 1, as detectron2's FrozenBatchNorm2d
+  does for state dicts without version metadata (Caffe2 files hold only `_s`/`_b`).
+  Returns ({our key: array}, filled: our keys set to defaults, unused: checkpoint keys
+  matching none of ours). Raises CheckpointMismatchError if a checkpoint key matches two
+  of ours.
+  """
+  sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+  out, source, filled = {}, {}, []
+  for key in sorted(k for k in expected if k.startswith(prefix)):
+    parts = key.split(".")
+    match = next((".".join(parts[i:]) for i in range(len(parts))
+                  if ".".join(parts[i:]) in sd), None)
+    if match is None:
+      leaf_owner, leaf = key.rsplit(".", 1)
+      if leaf in FROZEN_BN_DEFAULTS and f"{leaf_owner}.weight" in expected:
+        out[key] = np.full(expected[key], FROZEN_BN_DEFAULTS[leaf], np.float32)
+        filled.append(key)
+      continue
+    if match in source:
+      raise CheckpointMismatchError(
+          f"checkpoint key {match} matches two model keys: {source[match]} and {key}")
+    out[key], source[match] = sd[match], key
+  unused = sorted(set(sd) - set(source))
+  return out, filled, unused
+
+
+def load_backbone(variables, state_dict: Dict[str, np.ndarray], source: str = "checkpoint",
+                  prefix: str = "backbone.bottom_up."):
+  """ImageNet initialisation: `prefix` leaves from `state_dict` (see `align_backbone`),
+  strictly (a backbone key the file lacks, other than FrozenBN statistics, or a shape
+  mismatch raises CheckpointMismatchError naming it); everything else keeps its value.
+  Returns (variables, filled keys, unused checkpoint keys)."""
+  aligned, filled, unused = align_backbone(expected_keys(variables), state_dict, prefix)
+  return (load_into(variables, aligned, prefixes=(prefix,), source=source), filled, unused)
 
 
 def export_state_dict(variables) -> Dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
                                     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0))))
   try:
     variables = official.import_checkpoint(template, args.weights)
-  except official.CheckpointMismatchError as e:
+  except (official.CheckpointMismatchError, official.CheckpointFormatError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   io.save_variables(args.out, variables, cfg)

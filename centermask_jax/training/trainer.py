@@ -50,29 +50,28 @@ def init_variables(model: CenterMask, config, rng):
   if os.path.isdir(path):
     _say(f"init: all variables from {path}")
     return ckpt_io.load_model_variables(path, model)
-  state_dict = official.read_state_dict(path)
+  fmt, state_dict = official.read_checkpoint(path)
   if any(k.startswith("proposal_generator.") for k in state_dict):
-    _say(f"init: every part from the detector checkpoint {path}")
+    _say(f"init: every part from the detector checkpoint {path} ({fmt})")
     return official.load_into(variables, state_dict, source=path)
-  return load_backbone(variables, state_dict, path)
+  return load_backbone(variables, state_dict, f"{path} ({fmt})")
 
 
 def load_backbone(variables, state_dict, source: str):
-  """ImageNet initialisation: the bottom-up network's keys from `state_dict` (with or
-  without the `backbone.bottom_up.` prefix), strictly (missing keys / bad shapes raise);
-  keys the backbone does not have (e.g. a classifier) are ignored and reported."""
+  """ImageNet initialisation (`official.load_backbone`): the bottom-up network's keys
+  from `state_dict` matched by key suffix as detectron2 does, strictly; FrozenBN
+  statistics the file lacks set as detectron2 sets them; keys the backbone does not
+  have (e.g. a classifier) ignored and reported."""
   from centermask_jax.checkpoints import official
-  prefix = "backbone.bottom_up."
-  if not any(k.startswith("backbone.") for k in state_dict):
-    state_dict = {prefix + k: v for k, v in state_dict.items()}
-  expected = official.expected_keys(variables)
-  keep = {k: v for k, v in state_dict.items() if k.startswith(prefix) and k in expected}
-  extra = sorted(set(state_dict) - set(keep))
+  variables, filled, extra = official.load_backbone(variables, state_dict, source)
   if extra:
     _say(f"init: ignoring {len(extra)} checkpoint key(s) the backbone does not have: "
          + ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else ""))
-  _say(f"init: {prefix[:-1]} from the ImageNet checkpoint {source}; the rest from scratch")
-  return official.load_into(variables, keep, prefixes=(prefix,), source=source)
+  if filled:
+    _say(f"init: {len(filled)} FrozenBN running_mean/var absent from the file: set to 0/1 "
+         "(as detectron2)")
+  _say(f"init: backbone.bottom_up from the ImageNet checkpoint {source}; the rest from scratch")
+  return variables
 
 
 def _make_iterator(config, d, b):
