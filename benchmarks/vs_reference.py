@@ -1,0 +1,330 @@
+"""Our model on exactly the work of centermask2's CPU reference timings, side by side.
+
+  python benchmarks/vs_reference.py [--models v19dw mv2 v39] [--modes infer_b1_img0 ...]
+      [--warmup 2] [--iters N] [--train-iters N] [--no-calibrate] [--json OUT]
+      [--config.key=value ...]
+
+The reference (`../shared/perf/reference_timings_cpu.md`, "the reference" below) timed
+centermask2 on two real COCO val2017 images (ids 241668 portrait, 5001 landscape; their
+decoded pixels, Lite resize and GT are in the Lite MobileNetV2 fixture) with fp16-rounded
+random weights that give 50 detections per image. This script does the same work:
+
+* models: Lite V-19-slim-DW (`v19dw`, that fixture's weights = the reference's), Lite
+  MobileNetV2 (`mv2`, seed-4321 fixture weights), V-39 (`v39`, weights of its fixture's
+  `make_weights.py`, written to `../cache/centermask_V_39_eSE_FPN_ms_3x/` when absent);
+* `infer_b1_img0`, `infer_b1_img1`, `infer_b2`: from the resized uint8 BGR image(s) (resize
+  excluded, as in the reference): normalisation and zero padding to exactly the reference's
+  padded shape (Lite 864x608, 608x800, 864x800; V-39 1120x800, 800x1088, 1120x1088), the
+  jitted `predict` (backbone, FPN, FCOS + NMS, RoIAlign, mask and MaskIoU heads), then
+  `detector_postprocess` and the mask paste at the original resolution per image, results
+  pulled to host numpy;
+* `train_b2`: the real pmapped training step (`training.step`, the config's SGD) on one
+  device with both images (864x800 / 1120x1088) and their real COCO GT (5 and 17
+  instances; the fixture's derived class-7 box is dropped). For V-39 the GT polygons and
+  boxes are the Lite ones scaled by the ratio of the two resizes (float32). The state is
+  restored before every timed step (untimed), like the reference's weight/optimiser reset.
+
+Each (model, mode) runs in its own subprocess: `--warmup` untimed calls, then `--iters`
+(inference, default 10) or `--train-iters` (default 7) timed calls. Per row: compile s
+(first call minus the median), median and min s, peak RSS the reference's way (high-water
+mark reset after model and inputs are built, read after the last call: warm-up =
+compilation included) and over the timed calls only, the reference row scaled to this
+machine by `../shared/perf/calibrate.py` (run before and after, in this process tree; the
+mean scale is used), and `x` = scaled reference median / our median (> 1: we are faster).
+`cpu_s` is the median process CPU time per call (all threads): on a loaded machine it moves
+less than wall time (the reference used ~1.9 of its 2 cores while measuring). The machine
+may be shared: read the 1-min load average printed with each row.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {  # key: (config file, fixture folder name, weights folder ("fixture" | "cache"), label)
+    "v19dw": ("centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x", "fixture", "Lite V-19-slim-DW"),
+    "mv2": ("centermask_lite_Mv2_FPN_ms_4x", "fixture", "Lite MobileNetV2"),
+    "v39": ("centermask_V_39_eSE_FPN_ms_3x", "cache", "V-39"),
+}
+MODES = ("infer_b1_img0", "infer_b1_img1", "infer_b2", "train_b2")
+IMAGES_FIXTURE = "centermask_lite_Mv2_FPN_ms_4x"  # holds the reference's two images and GT
+# reference_timings_cpu.md §1: (median s, min s, peak RSS GiB, padded H x W)
+REFERENCE = {
+    ("v19dw", "infer_b1_img0"): (0.539, 0.482, 0.59, (864, 608)),
+    ("v19dw", "infer_b1_img1"): (0.442, 0.396, 0.58, (608, 800)),
+    ("v19dw", "infer_b2"): (1.395, 1.284, 0.86, (864, 800)),
+    ("v19dw", "train_b2"): (3.111, 2.873, 2.29, (864, 800)),
+    ("mv2", "infer_b1_img0"): (0.503, 0.456, 0.57, (864, 608)),
+    ("mv2", "infer_b1_img1"): (0.476, 0.438, 0.57, (608, 800)),
+    ("mv2", "infer_b2"): (1.432, 1.361, 0.85, (864, 800)),
+    ("mv2", "train_b2"): (3.282, 3.006, 2.90, (864, 800)),
+    ("v39", "infer_b1_img0"): (3.645, 3.401, 1.39, (1120, 800)),
+    ("v39", "infer_b1_img1"): (3.578, 3.296, 1.33, (800, 1088)),
+    ("v39", "infer_b2"): (10.676, 10.040, 2.20, (1120, 1088)),
+    ("v39", "train_b2"): (30.725, 28.920, 5.81, (1120, 1088)),
+}
+
+
+# ----------------------------------------------------------------------------- child side
+def _reset_hwm():
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+  except OSError:
+    pass
+
+
+def _hwm_gib():
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 2**20
+  return float("nan")
+
+
+def weights_path(key, shared, cache):
+  name, where, _ = MODELS[key]
+  if where == "fixture":
+    return os.path.join(shared, "fixtures", name, "model_random_fp16.pth")
+  path = os.path.join(cache, name, "model_random_fp16.pth")
+  if not os.path.exists(path):  # the fixture's recipe, written bit-exactly (its README)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fx = os.path.join(shared, "fixtures", name)
+    subprocess.run([sys.executable, os.path.join(fx, "make_weights.py"),
+                    os.path.join(shared, "fixtures", "state_dict_keys", name + ".tsv"), "1234",
+                    "model_random_fp16.pth"], cwd=os.path.dirname(path), check=True)
+  return path
+
+
+def load_images(cfg, shared):
+  """-> list of (resized uint8 BGR [h, w, 3], (h, w), (H0, W0)) for img0, img1 at the
+  config's test size (PIL bilinear, as detectron2's ResizeShortestEdge)."""
+  import numpy as np
+  from centermask_jax.data import transforms
+  inp = np.load(os.path.join(shared, "fixtures", IMAGES_FIXTURE, "inputs.npz"))
+  out = []
+  for i in range(2):
+    orig = inp[f"img{i}_orig_rgb_uint8"]
+    bgr = np.ascontiguousarray(orig[:, :, ::-1])
+    hw = transforms.get_output_shape(*orig.shape[:2], cfg.input.min_size_test,
+                                     cfg.input.max_size_test)
+    stored = inp[f"img{i}_resized_bgr_uint8"]
+    img = stored if tuple(stored.shape[:2]) == tuple(hw) else transforms.resize_uint8(bgr, hw)
+    out.append((img, tuple(hw), tuple(orig.shape[:2])))
+  return out
+
+
+def load_gt(shared, lite_hw, hws):
+  """Real COCO GT of both images (derived box dropped), scaled from the Lite resize
+  `lite_hw` to `hws` -> batch-contract arrays [2, G, ...]."""
+  import numpy as np
+  from centermask_jax.tools.parity_train import load_fixture_gt
+  fx = os.path.join(shared, "fixtures", IMAGES_FIXTURE)
+  gt = load_fixture_gt(fx)
+  with open(os.path.join(fx, "gt_instances.json")) as f:
+    gj = json.load(f)
+  for i in range(2):
+    ids = gj[f"img{i}"]["coco_ann_ids"]
+    for k, a in enumerate(ids):
+      if a is None:
+        gt["gt_valid"][i, k] = False
+    sy = np.float32(hws[i][0] / lite_hw[i][0])
+    sx = np.float32(hws[i][1] / lite_hw[i][1])
+    gt["gt_boxes"][i] *= np.array([sx, sy, sx, sy], np.float32)
+    gt["gt_polys"][i] *= np.array([sx, sy], np.float32)
+  return gt
+
+
+def run_child(key, mode, warmup, iters, shared, cache, overrides):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from centermask_jax.checkpoints import official
+  from centermask_jax.config import load_config
+  from centermask_jax.models.centermask import CenterMask
+
+  name, _, label = MODELS[key]
+  cfg = load_config(os.path.join(REPO, "configs", name + ".py"), overrides)
+  model = CenterMask(cfg)
+  template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
+  template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
+  variables = official.import_checkpoint(template, weights_path(key, shared, cache))
+  imgs = load_images(cfg, shared)
+  sel = {"infer_b1_img0": [0], "infer_b1_img1": [1]}.get(mode, [0, 1])
+  div = cfg.input.size_divisibility
+  padded = tuple(max(-(-imgs[i][1][a] // div) * div for i in sel) for a in range(2))
+  assert padded == REFERENCE[(key, mode)][3], (padded, REFERENCE[(key, mode)][3])
+  mean = np.asarray(cfg.input.pixel_mean, np.float32)
+  std = np.asarray(cfg.input.pixel_std, np.float32)
+  n = len(sel)
+  image_hw = np.asarray([imgs[i][1] for i in sel], np.int32)
+  padded_hw = np.asarray([padded] * n, np.int32)
+  info = {}
+
+  if mode.startswith("infer"):
+    from centermask_jax.predictor import image_instances
+    variables = jax.device_put(variables)
+    predict = jax.jit(model.predict)
+    thr = cfg.model.mask_head.mask_threshold
+
+    def call():
+      x = np.zeros((n, *padded, 3), np.float32)  # preprocess_image: normalise + zero pad
+      for j, i in enumerate(sel):
+        h, w = imgs[i][1]
+        x[j, :h, :w] = (imgs[i][0].astype(np.float32) - mean) / std
+      out = predict(variables, jnp.asarray(x), jnp.asarray(image_hw), jnp.asarray(padded_hw))
+      res = []
+      for j, i in enumerate(sel):
+        res.append(image_instances(out["boxes"][j], out["scores"][j], out["classes"][j],
+                                   out["mask_probs"][j], out["mask_scores"][j],
+                                   out["valid"][j], imgs[i][1], imgs[i][2], thr))
+      return res
+    _reset_hwm()
+    res = None
+  else:
+    from centermask_jax.training import optimizer as opt_lib, step as step_lib
+    hws = [im[1] for im in imgs]
+    lite_hw = [tuple(int(v) for v in s) for s in np.load(os.path.join(
+        shared, "fixtures", IMAGES_FIXTURE, "inputs.npz"))["image_sizes"]]
+    gt = load_gt(shared, lite_hw, hws)
+    x = np.zeros((1, 2, *padded, 3), np.float32)
+    for i in range(2):
+      h, w = hws[i]
+      x[0, i, :h, :w] = (imgs[i][0].astype(np.float32) - mean) / std
+    batch = {k: gt[k][None] for k in ("gt_boxes", "gt_classes", "gt_valid", "gt_polys",
+                                      "gt_poly_len")}
+    batch.update(image=x, image_hw=image_hw[None], padded_hw=padded_hw[None])
+    info["gt"] = [int(v) for v in gt["gt_valid"].sum(1)]
+    devices = jax.local_devices()[:1]
+    tx = opt_lib.make_optimizer(cfg, variables["params"])
+    host_state = step_lib.init_state(variables["params"], variables["frozen_bn"], tx)
+    host_state = jax.device_get(host_state)
+    p_step = step_lib.make_train_step(model, cfg, tx, opt_lib.lr_schedule(cfg), devices=devices)
+    key_ = jax.random.PRNGKey(0)
+    fresh = lambda: step_lib.replicate(host_state, devices)  # noqa: E731
+    state = [fresh()]
+
+    def call():
+      st, m = p_step(state[0], batch, key_)
+      return jax.block_until_ready(m)
+    _reset_hwm()
+
+  def timed():
+    if not mode.startswith("infer"):
+      state[0] = fresh()  # restore weights + optimiser state (untimed)
+    t, c = time.perf_counter(), time.process_time()
+    r = call()
+    return time.perf_counter() - t, time.process_time() - c, r
+
+  first, _, res = timed()
+  for _ in range(max(0, warmup - 1)):
+    timed()
+  hwm_warm = _hwm_gib()
+  _reset_hwm()
+  times, cpus = [], []
+  for _ in range(iters):
+    t, c, res = timed()
+    times.append(t)
+    cpus.append(c)
+  med = statistics.median(times)
+  if mode.startswith("infer"):
+    info["dets"] = [int(len(r["scores"])) for r in res]
+  else:
+    info["loss"] = round(float(res["total_loss"][0]), 4)
+    info["num_fg"] = float(res["num_fg"][0])
+  hwm_run = _hwm_gib()
+  return dict(model=key, label=label, mode=mode, padded=f"{padded[0]}x{padded[1]}",
+              backend=jax.default_backend(), compile_s=round(first - med, 2),
+              median_s=round(med, 4), min_s=round(min(times), 4), n=len(times),
+              times=[round(t, 4) for t in times], cpu_s=round(statistics.median(cpus), 4),
+              peak_gib=round(max(hwm_warm, hwm_run), 3), run_gib=round(hwm_run, 3),
+              loadavg=[round(v, 2) for v in os.getloadavg()], **info)
+
+
+# ----------------------------------------------------------------------------- parent side
+def calibrate(shared):
+  out = subprocess.run([sys.executable, os.path.join(shared, "perf", "calibrate.py")],
+                       capture_output=True, text=True)
+  if out.returncode:
+    print(f"calibration failed (needs torch): {out.stderr.strip()[-500:]}", flush=True)
+    return None
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  print(f"calibration: {json.dumps(r)}", flush=True)
+  return r
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+  ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--iters", type=int, default=10, help="timed inference calls")
+  ap.add_argument("--train-iters", type=int, default=7, help="timed training steps")
+  ap.add_argument("--no-calibrate", action="store_true",
+                  help="compare with the unscaled reference (scale 1)")
+  ap.add_argument("--shared", default=os.path.join(os.path.dirname(REPO), "shared"))
+  ap.add_argument("--cache", default=os.path.join(os.path.dirname(REPO), "cache"))
+  ap.add_argument("--json", help="write every row (with all times) to this file")
+  ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+  args, extra = ap.parse_known_args()
+  sys.path.insert(0, REPO)
+  from eval import parse_overrides  # the --config.key=value parser of eval.py / demo.py
+  overrides = parse_overrides(extra)
+  if args._child:
+    key, mode = args._child
+    iters = args.iters if mode.startswith("infer") else args.train_iters
+    print(json.dumps(run_child(key, mode, args.warmup, iters, args.shared, args.cache,
+                               overrides)))
+    return
+
+  cal = [] if args.no_calibrate else [calibrate(args.shared)]
+  hdr = (f"{'model':18s} {'mode':14s} {'padded':>9s} {'compile_s':>9s} {'median_s':>8s} "
+         f"{'min_s':>7s} {'peakGiB':>7s} {'runGiB':>6s} | {'ref_med':>7s} {'ref_min':>7s} "
+         f"{'refGiB':>6s} {'x_med':>5s} {'x_min':>5s} {'cpu_s':>6s}  load  notes")
+  print(hdr, flush=True)
+  scale0 = cal[0]["scale"] if cal and cal[0] else 1.0
+  rows = []
+  for key in args.models:
+    for mode in args.modes:
+      cmd = [sys.executable, os.path.abspath(__file__), "--_child", key, mode,
+             "--warmup", str(args.warmup), "--iters", str(args.iters), "--train-iters",
+             str(args.train_iters), "--shared", args.shared, "--cache", args.cache, *extra]
+      out = subprocess.run(cmd, capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=REPO + os.pathsep +
+                                    os.environ.get("PYTHONPATH", "")))
+      if out.returncode:
+        print(f"{MODELS[key][2]:18s} {mode:14s} FAILED\n{out.stderr[-3000:]}", flush=True)
+        continue
+      r = json.loads(out.stdout.strip().splitlines()[-1])
+      rows.append(r)
+      ref_med, ref_min, ref_gib, _ = REFERENCE[(key, mode)]
+      notes = (f"dets {r['dets']}" if "dets" in r else
+               f"GT {r['gt']} fg {r['num_fg']:.0f} loss {r['loss']}")
+      print(f"{r['label']:18s} {mode:14s} {r['padded']:>9s} {r['compile_s']:9.1f} "
+            f"{r['median_s']:8.3f} {r['min_s']:7.3f} {r['peak_gib']:7.2f} {r['run_gib']:6.2f} | "
+            f"{ref_med * scale0:7.3f} {ref_min * scale0:7.3f} {ref_gib:6.2f} "
+            f"{ref_med * scale0 / r['median_s']:5.2f} {ref_min * scale0 / r['min_s']:5.2f} "
+            f"{r['cpu_s']:6.2f}  {r['loadavg'][0]:.1f}  {notes}", flush=True)
+  if not args.no_calibrate:
+    cal.append(calibrate(args.shared))
+  scales = [c["scale"] for c in cal if c]
+  scale = statistics.mean(scales) if scales else 1.0
+  if len(scales) == 2:
+    print(f"scale before/after: {scales[0]:.3f} / {scales[1]:.3f}; the table used the "
+          f"first; with the mean {scale:.3f} x_med becomes: " + ", ".join(
+              f"{r['model']}/{r['mode']} {REFERENCE[(r['model'], r['mode'])][0] * scale / r['median_s']:.2f}"
+              for r in rows), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"calibration": cal, "scale": scale, "rows": rows,
+                 "reference": {f"{k}/{m}": v[:3] for (k, m), v in REFERENCE.items()}}, f,
+                indent=1)
+
+
+if __name__ == "__main__":
+  main()
