@@ -10,35 +10,10 @@ all local devices; writes DIR/bbox_results.json, DIR/segm_results.json, DIR/metr
 prints the COCO tables. --data_dir / --dataset default to config.data.data_dir / .name.
 """
 import argparse
-import ast
 import os
 import sys
 
-
-def parse_overrides(extra):
-  """['--config.a.b=1', '--config.c', 'x'] -> {'a.b': 1, 'c': 'x'} (Python literals or str)."""
-  out, i = {}, 0
-  while i < len(extra):
-    arg = extra[i]
-    if not arg.startswith("--config."):
-      raise SystemExit(f"error: unrecognised argument {arg!r}")
-    key = arg[len("--config."):]
-    if "=" in key:
-      key, raw = key.split("=", 1)
-    else:
-      if i + 1 >= len(extra):
-        raise SystemExit(f"error: {arg} needs a value")
-      i += 1
-      raw = extra[i]
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    if isinstance(value, list):
-      value = tuple(value)
-    out[key] = value
-    i += 1
-  return out
+from centermask_jax.config import parse_overrides  # noqa: F401 - CLI helper, re-exported
 
 
 def main(argv=None):

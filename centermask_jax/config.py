@@ -166,3 +166,30 @@ def load_config(path: str, overrides=None) -> ml_collections.ConfigDict:
       raise KeyError(f"unknown config key {key!r}")
     setattr(node, leaf, value)
   return cfg
+
+
+def parse_overrides(extra):
+  """['--config.a.b=1', '--config.c', 'x'] -> {'a.b': 1, 'c': 'x'} (Python literals or str)."""
+  import ast
+  out, i = {}, 0
+  while i < len(extra):
+    arg = extra[i]
+    if not arg.startswith("--config."):
+      raise SystemExit(f"error: unrecognised argument {arg!r}")
+    key = arg[len("--config."):]
+    if "=" in key:
+      key, raw = key.split("=", 1)
+    else:
+      if i + 1 >= len(extra):
+        raise SystemExit(f"error: {arg} needs a value")
+      i += 1
+      raw = extra[i]
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    if isinstance(value, list):
+      value = tuple(value)
+    out[key] = value
+    i += 1
+  return out

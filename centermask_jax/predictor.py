@@ -3,6 +3,8 @@
 Official test-time preprocessing (channel order, ResizeShortestEdge with PIL bilinear,
 normalisation), the image padded to a static canvas per aspect-ratio group (so one
 compile serves every image of that group), official padding = ceil(resized / 32) * 32.
+`preprocess` and `image_instances` do not need the model modules (the StableHLO runner
+`centermask_jax.serving` uses them); `CenterMask` is imported only to build a default model.
 """
 from typing import Dict, Optional
 
@@ -11,13 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from centermask_jax.data import transforms
-from centermask_jax.models.centermask import CenterMask
 from centermask_jax.ops import masks as mask_ops
 from centermask_jax.ops import postprocess
 
 
-def preprocess(image_rgb: np.ndarray, config):
-  """uint8 RGB [H0, W0, 3] -> (normalised float32 [Hc, Wc, 3], image_hw, padded_hw)."""
+def preprocess(image_rgb: np.ndarray, config, canvas=None):
+  """uint8 RGB [H0, W0, 3] -> (normalised float32 [Hc, Wc, 3], image_hw, padded_hw).
+
+  Uses config.input only. `canvas` (Hc, Wc): a fixed canvas (ValueError if the padded image
+  does not fit); default: the config's canvas of the image's aspect-ratio group.
+  """
   if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
     raise ValueError(f"expected an RGB uint8 image [H, W, 3], got {image_rgb.dtype} "
                      f"{image_rgb.shape}")
@@ -28,8 +33,12 @@ def preprocess(image_rgb: np.ndarray, config):
   img = transforms.resize_uint8(np.ascontiguousarray(img), hw)
   div = inp.size_divisibility
   padded = tuple(-(-v // div) * div for v in hw)
-  canvas = transforms.canvas_hw(inp.min_size_test, inp.max_size_test, hw[1] >= hw[0])
-  canvas = (max(canvas[0], padded[0]), max(canvas[1], padded[1]))
+  if canvas is None:
+    canvas = transforms.canvas_hw(inp.min_size_test, inp.max_size_test, hw[1] >= hw[0])
+    canvas = (max(canvas[0], padded[0]), max(canvas[1], padded[1]))
+  elif padded[0] > canvas[0] or padded[1] > canvas[1]:
+    raise ValueError(f"image {h0}x{w0} (padded {padded[0]}x{padded[1]}) does not fit the "
+                     f"canvas {canvas[0]}x{canvas[1]}")
   x = np.zeros((*canvas, 3), np.float32)
   x[:hw[0], :hw[1]] = (img.astype(np.float32) - np.asarray(inp.pixel_mean, np.float32)) / \
       np.asarray(inp.pixel_std, np.float32)
@@ -39,9 +48,12 @@ def preprocess(image_rgb: np.ndarray, config):
 class Predictor:
   """predictor = Predictor(config, variables); out = predictor(image_rgb_uint8)."""
 
-  def __init__(self, config, variables, model: Optional[CenterMask] = None):
+  def __init__(self, config, variables, model=None):
+    if model is None:
+      from centermask_jax.models.centermask import CenterMask
+      model = CenterMask(config)
     self.config = config
-    self.model = model or CenterMask(config)
+    self.model = model
     self.variables = jax.device_put(variables)
     self._predict = jax.jit(self.model.predict)
 

@@ -1,0 +1,146 @@
+"""tools/export (StableHLO, ONNX) and the model-free runner `serving` vs the JAX model.
+
+One config (Lite V-19-slim-DW, fixture weights), one canvas (608x928 = the fixture batch's
+official padding, so img1 alone reproduces centermask2's final outputs), batch 1.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from centermask_jax.tools import export
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py")
+CANVAS = (608, 928)
+STEM = "centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x_608x928_b1"
+N_COCO = 2  # tiny_coco val photos that fit the landscape canvas
+
+
+@pytest.fixture(scope="module")
+def exported(lite_fixture, tmp_path_factory):
+  pytest.importorskip("torch")
+  out = tmp_path_factory.mktemp("export")
+  rc = export.main(["--config", CONFIG, "--checkpoint", str(lite_fixture / "model_random_fp16.pth"),
+                    "--out", str(out), "--canvas", "608x928", "--batch", "1"])
+  assert rc == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def images(lite_fixture, tiny_coco):
+  """Fixture img0 (astronaut), img1 (coffee) and tiny_coco photos that fit the canvas."""
+  from centermask_jax.serving import load_rgb
+  inp = np.load(lite_fixture / "inputs.npz")
+  out = {"img0": inp["img0_orig_rgb_uint8"], "img1": inp["img1_orig_rgb_uint8"]}
+  for f in sorted(os.listdir(tiny_coco / "val2017")):
+    img = load_rgb(str(tiny_coco / "val2017" / f))
+    h, w = img.shape[:2]
+    if w >= h and w / h <= 1.5 and len(out) < 2 + N_COCO:
+      out[f] = img
+  assert len(out) == 2 + N_COCO
+  return out
+
+
+@pytest.fixture(scope="module")
+def reference(lite_fixture, images):
+  """The JAX model's instances (Predictor's preprocessing and paste on the same canvas)."""
+  from centermask_jax.checkpoints.io import load_model_variables
+  from centermask_jax.config import load_config
+  from centermask_jax.models.centermask import CenterMask
+  from centermask_jax.predictor import image_instances, preprocess
+  cfg = load_config(CONFIG)
+  model = CenterMask(cfg)
+  variables = load_model_variables(str(lite_fixture / "model_random_fp16.pth"), model)
+  predict = jax.jit(model.predict)
+  ref = {}
+  for name, img in images.items():
+    x, hw, padded = preprocess(img, cfg, canvas=CANVAS)
+    o = predict(variables, x[None], hw[None], padded[None])
+    ref[name] = image_instances(o["boxes"][0], o["scores"][0], o["classes"][0],
+                                o["mask_probs"][0], o["mask_scores"][0], o["valid"][0], hw,
+                                img.shape[:2], cfg.model.mask_head.mask_threshold)
+  return ref
+
+
+def assert_same_instances(got, ref, max_mask_px=4):
+  """Identical detection set; boxes 1e-3 px, scores 1e-5, mask scores 1e-4 (MaskIoU fc
+  outputs up to ~8 with the random weights; as test_predictor vs the fixture); <= max_mask_px differing pixels per mask.
+  Returns the measured (max box diff, max score diff, max mask-score rel diff, max mask px)."""
+  assert got["classes"].shape == ref["classes"].shape
+  np.testing.assert_array_equal(got["classes"], ref["classes"])
+  np.testing.assert_allclose(got["boxes"], ref["boxes"], atol=1e-3, rtol=0)
+  np.testing.assert_allclose(got["scores"], ref["scores"], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got["mask_scores"], ref["mask_scores"], atol=1e-4, rtol=0)
+  assert got["masks"].shape == ref["masks"].shape
+  px = int(np.sum(got["masks"] != ref["masks"], axis=(1, 2)).max()) if got["masks"].size else 0
+  assert px <= max_mask_px
+  return (float(np.abs(got["boxes"] - ref["boxes"]).max(initial=0)),
+          float(np.abs(got["scores"] - ref["scores"]).max(initial=0)),
+          float(np.abs(got["mask_scores"] - ref["mask_scores"]).max(initial=0)), px)
+
+
+def test_stablehlo_artefact_and_metadata(exported):
+  meta = json.loads((exported / (STEM + ".json")).read_text())
+  assert meta["canvas"] == list(CANVAS) and meta["batch"] == 1
+  assert meta["artefacts"]["stablehlo"]["platforms"] == ["cpu", "cuda"]
+  assert meta["class_names"][0] == "person" and len(meta["class_names"]) == 80
+  assert meta["preprocessing"]["min_size_test"] == 600
+  assert [o["name"] for o in meta["outputs"]] == list(export.OUTPUTS)
+  exp = jax.export.deserialize(bytearray((exported / (STEM + ".stablehlo")).read_bytes()))
+  assert [tuple(a.shape) for a in exp.in_avals] == [tuple(i["shape"]) for i in meta["inputs"]]
+  assert [tuple(a.shape) for a in exp.out_avals] == [tuple(o["shape"]) for o in meta["outputs"]]
+
+
+def test_stablehlo_matches_jax_model_and_official(exported, images, reference, lite_fixture):
+  from centermask_jax.serving import ExportedModel
+  m = ExportedModel.load(str(exported / (STEM + ".stablehlo")))
+  for name, img in images.items():
+    got = m.predict([img])[0]
+    assert got["scores"].size > 0, name
+    stats = assert_same_instances(got, reference[name])
+    print(f"stablehlo {name}: {got['scores'].size} det, max |box| {stats[0]:.2e} px, |score| "
+          f"{stats[1]:.2e}, |mask score| {stats[2]:.2e}, mask px {stats[3]}")
+  assert m._call._cache_size() == 1  # every image through one compiled canvas
+  # coffee alone pads to the fixture's 608x928: centermask2's final outputs.
+  ev = np.load(lite_fixture / "eval_outputs.npz")
+  got = m.predict([images["img1"]])[0]
+  np.testing.assert_allclose(got["boxes"], ev["img1_final_boxes"], atol=1e-3)
+  np.testing.assert_allclose(got["scores"], ev["img1_final_scores"], atol=1e-5)
+  np.testing.assert_array_equal(got["classes"], ev["img1_final_classes"])
+
+
+def test_serving_cli_runs_without_model_code(exported, images, lite_fixture, tmp_path):
+  from PIL import Image
+  img = tmp_path / "coffee.png"
+  Image.fromarray(images["img1"]).save(img)
+  out = tmp_path / "pred.json"
+  code = (
+      "import sys\n"
+      "from centermask_jax import serving\n"
+      f"rc = serving.main([{str(exported / (STEM + '.stablehlo'))!r}, '--input', {str(img)!r},"
+      f" '--output', {str(out)!r}])\n"
+      "bad = [m for m in sys.modules if m.startswith(('centermask_jax.models', 'flax',"
+      " 'centermask_jax.training', 'tensorflow', 'torch'))]\n"
+      "assert not bad, bad\n"
+      "sys.exit(rc)\n")
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  pred = json.loads(out.read_text())
+  ev = np.load(lite_fixture / "eval_outputs.npz")
+  boxes = np.array([i["bbox_xyxy"] for i in pred[0]["instances"]])
+  np.testing.assert_allclose(boxes, ev["img1_final_boxes"], atol=1e-3)
+
+
+def test_export_cli_rejects_bad_canvas(capsys):
+  rc = export.main(["--config", CONFIG, "--checkpoint", CONFIG, "--out", "/nonexistent/x",
+                    "--canvas", "600x900"])
+  assert rc == 2
+  assert "error: --canvas '600x900'" in capsys.readouterr().err
