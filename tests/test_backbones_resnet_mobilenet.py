@@ -132,7 +132,7 @@ def _t_resnet(x, variables, depth, num_groups=1, width_per_group=64, stride_in_1
   v = _sub(variables, "stem")
   x = F.relu(_tbn(_tconv(x, v, "conv1", 2, 3), v, "conv1.norm"))
   x = F.max_pool2d(x, 3, 2, 1)
-  out = {}
+  out = {"stem": x}
   for s, nb in enumerate(blocks):
     for j in range(nb):
       stride = 2 if (j == 0 and s > 0) else 1
@@ -159,12 +159,12 @@ def _t_mobilenet(x, variables):
               (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
   v = _sub(variables, "features.0")
   x = F.relu6(_tbn(_tconv(x, v, "0", 2, 1), v, "1"))
-  i, out = 1, {}
+  i, out = 1, {"features.0": x}
   for t, _, n, s in settings:
     for j in range(n):
       x = _t_inverted_residual(x, _sub(variables, f"features.{i}"), s if j == 0 else 1, t)
       if i in (3, 6, 13, 17):
-        out[f"res{len(out) + 2}"] = x
+        out[f"res{(3, 6, 13, 17).index(i) + 2}"] = x
       i += 1
   return out
 
@@ -257,8 +257,11 @@ NETS = [
     ("X-50-32x4d", lambda: resnet.ResNet(**X50_32x4), lambda x, v: _t_resnet(x, v, **X50_32x4)),
     ("MobileNetV2", mobilenet.MobileNetV2, _t_mobilenet),
 ]
-CHANNELS = {"R-50": resnet.out_channels(), "X-50-32x4d": resnet.out_channels(),
-            "MobileNetV2": mobilenet.out_channels()}
+CHANNELS = {"R-50": dict(resnet.out_channels(), stem=64),
+            "X-50-32x4d": dict(resnet.out_channels(), stem=64),
+            "MobileNetV2": dict(mobilenet.out_channels(), **{"features.0": 32})}
+# the stem output (a parity tap: detectron2's `stem`, MobileNetV2's `features[0]`) and stride
+STEM = {"R-50": ("stem", 4), "X-50-32x4d": ("stem", 4), "MobileNetV2": ("features.0", 2)}
 
 
 @pytest.mark.parametrize("net", NETS, ids=[n[0] for n in NETS])
@@ -278,8 +281,9 @@ def test_network_matches_torch(net):
   with torch.no_grad():
     ref = torch_fwd(_nchw(x, torch.float64), variables)
     ref32 = torch_fwd(_nchw(x, torch.float32), variables)
-  assert sorted(ours) == sorted(ref) == ["res2", "res3", "res4", "res5"]
-  for k, stride in zip(("res2", "res3", "res4", "res5"), (4, 8, 16, 32)):
+  stem, stem_stride = STEM[name]
+  assert sorted(ours) == sorted(ref) == sorted([stem, "res2", "res3", "res4", "res5"])
+  for k, stride in zip((stem, "res2", "res3", "res4", "res5"), (stem_stride, 4, 8, 16, 32)):
     r = _nhwc(ref[k])
     assert r.shape == (2, 64 // stride, 96 // stride, CHANNELS[name][k])
     scale = np.abs(r).max()

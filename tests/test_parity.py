@@ -70,3 +70,31 @@ def test_train_parity_detects_a_wrong_reference(lite_fixture, tmp_path, capsys):
   assert rc == 1
   assert "FAIL  img1_fg_roi_mask_targets_28 " in out and "FAIL  train_loss_mask " in out
   assert "parity stages: 33 PASS, 2 FAIL" in out
+
+
+def test_candidate_sets_match_by_class_then_nearest_box(capsys):
+  """Rows in another order with near-equal keys still match; a moved box is named as one
+  extra and one missing row; a 2e-3 px error is a _boxes FAIL, not a set mismatch."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  rb = rng.uniform(0, 500, (40, 4)).astype(np.float32)
+  rb[:, 2:] += rb[:, :2]
+  rs = np.full(40, 0.3, np.float32)  # all keys equal: any canonical order is arbitrary
+  rc = rng.integers(0, 3, 40)
+  perm = rng.permutation(40)
+  ref = {"boxes": rb, "scores": rs, "classes": rc}
+  ours = {"boxes": rb[perm] + 1e-4, "scores": rs[perm], "classes": rc[perm],
+          "valid": np.ones(40, bool)}
+  rep = parity.Report()
+  parity.compare_candidate_set(rep, "a", ours, ref)
+  assert not rep.failed
+  ours["boxes"] = ours["boxes"].copy()
+  ours["boxes"][3] += 50.0
+  ours["boxes"][5, 0] += 2e-3
+  rep = parity.Report()
+  parity.compare_candidate_set(rep, "b", ours, ref)
+  failed = {l.stage: l for l in rep.failed}
+  assert set(failed) == {"b_classes", "b_boxes"}
+  assert "extra (ours only) 1: #3 " in failed["b_classes"].note
+  assert f"missing (reference only) 1: #{perm[3]} " in failed["b_classes"].note
+  assert abs(failed["b_boxes"].err - 2.1e-3) < 1e-4

@@ -2,7 +2,7 @@
 
 `MobileNetV2()(x [N, H, W, 3], padded_hw [N, 2])` returns NHWC feature maps
 {"res2": s4 (24 ch), "res3": s8 (32), "res4": s16 (96), "res5": s32 (320)},
-taken after features[3], [6], [13], [17]. Width 1.0, ReLU6, FrozenBN, convs
+taken after features[3], [6], [13], [17], and "features.0" (the stem, s2, 32 ch). Width 1.0, ReLU6, FrozenBN, convs
 without bias, no final 1280-channel conv.
 
 Module names mirror the state-dict keys below `backbone.bottom_up.`:
@@ -65,7 +65,8 @@ class MobileNetV2(nn.Module):
   """MobileNetV2 (width 1.0); name it 'bottom_up' inside the FPN.
 
   x [N, H, W, 3] (canvas, H and W multiples of 32), padded_hw [N, 2] ->
-  {"res2": [N, H/4, W/4, 24], "res3": [.., 32], "res4": [.., 96], "res5": [.., 320]}.
+  {"features.0": [N, H/2, W/2, 32], "res2": [N, H/4, W/4, 24], "res3": [.., 32],
+   "res4": [.., 96], "res5": [.., 320]}.
   """
 
   @nn.compact
@@ -75,14 +76,14 @@ class MobileNetV2(nn.Module):
     x = jax.nn.relu6(L.FrozenBN(name="features.0.1")(x))
     stride = 2
     i = 1
-    feats = {}
+    feats = {"features.0": x}  # the stem (stride 2): a parity tap, unused by the FPN
     for t, c, n, s in BLOCK_SETTINGS:
       for j in range(n):
         block_stride = s if j == 0 else 1
         x = InvertedResidual(c, block_stride, t, name=f"features.{i}")(x, padded_hw, stride)
         stride *= block_stride
         if i in RETURN_INDICES:
-          feats[f"res{len(feats) + 2}"] = x
+          feats[f"res{RETURN_INDICES.index(i) + 2}"] = x
         i += 1
     return feats
 

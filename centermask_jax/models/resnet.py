@@ -61,7 +61,8 @@ class ResNet(nn.Module):
   """ResNet-50/101 (ResNeXt with num_groups > 1); name it 'bottom_up' inside the FPN.
 
   x [N, H, W, 3] (canvas, H and W multiples of 32), padded_hw [N, 2] ->
-  {"res2": [N, H/4, W/4, 256], "res3": [.., 512], "res4": [.., 1024], "res5": [.., 2048]}.
+  {"stem": [N, H/4, W/4, 64], "res2": [N, H/4, W/4, 256], "res3": [.., 512],
+   "res4": [.., 1024], "res5": [.., 2048]}.
   """
   depth: int = 50
   num_groups: int = 1
@@ -78,7 +79,7 @@ class ResNet(nn.Module):
     stride = 4
     out_ch = 256
     bottleneck = self.num_groups * self.width_per_group
-    feats = {}
+    feats = {"stem": x}  # after the max-pool, as detectron2's BasicStem (a parity tap)
     for s, n_blocks in enumerate(STAGE_BLOCKS[self.depth]):
       n = s + 2
       for j in range(n_blocks):
