@@ -1,7 +1,8 @@
 """`Predictor`: one RGB image in, instances out (like detectron2's DefaultPredictor).
 
-Official test-time preprocessing (channel order, ResizeShortestEdge with PIL bilinear,
-normalisation), the image padded to a static canvas per aspect-ratio group (so one
+Official test-time preprocessing (channel order, ResizeShortestEdge with PIL bilinear; the
+normalisation runs on the device in `CenterMask.normalize`), the image padded to a static
+canvas per aspect-ratio group (so one
 compile serves every image of that group), official padding = ceil(resized / 32) * 32.
 `preprocess` and `image_instances` do not need the model modules (the StableHLO runner
 `centermask_jax.serving` uses them); `CenterMask` is imported only to build a default model.
@@ -18,7 +19,9 @@ from centermask_jax.ops import postprocess
 
 
 def preprocess(image_rgb: np.ndarray, config, canvas=None):
-  """uint8 RGB [H0, W0, 3] -> (normalised float32 [Hc, Wc, 3], image_hw, padded_hw).
+  """uint8 RGB [H0, W0, 3] -> (uint8 [Hc, Wc, 3] resized pixels in the model's channel
+  order, zeros outside the image, image_hw, padded_hw); the model normalises them on the
+  device (`CenterMask.normalize`).
 
   Uses config.input only. `canvas` (Hc, Wc): a fixed canvas (ValueError if the padded image
   does not fit); default: the config's canvas of the image's aspect-ratio group.
@@ -39,9 +42,8 @@ def preprocess(image_rgb: np.ndarray, config, canvas=None):
   elif padded[0] > canvas[0] or padded[1] > canvas[1]:
     raise ValueError(f"image {h0}x{w0} (padded {padded[0]}x{padded[1]}) does not fit the "
                      f"canvas {canvas[0]}x{canvas[1]}")
-  x = np.zeros((*canvas, 3), np.float32)
-  x[:hw[0], :hw[1]] = (img.astype(np.float32) - np.asarray(inp.pixel_mean, np.float32)) / \
-      np.asarray(inp.pixel_std, np.float32)
+  x = np.zeros((*canvas, 3), np.uint8)
+  x[:hw[0], :hw[1]] = img
   return x, np.asarray(hw, np.int32), np.asarray(padded, np.int32)
 
 

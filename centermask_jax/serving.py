@@ -20,6 +20,7 @@ from typing import Dict, List, Sequence
 import jax
 import numpy as np
 
+from centermask_jax.ops.normalize import normalize_images
 from centermask_jax.predictor import image_instances, preprocess
 
 OUTPUTS = ("boxes", "scores", "classes", "mask_probs", "mask_scores", "valid")
@@ -80,8 +81,11 @@ class ExportedModel:
       x = np.zeros((self.batch, *self.canvas, 3), np.float32)
       hw = np.full((self.batch, 2), 32, np.int32)  # dummy rows: an empty 32x32 image
       padded = np.full((self.batch, 2), 32, np.int32)
+      inp = self.config.input
       for i, img in enumerate(chunk):
-        x[i], hw[i], padded[i] = preprocess(img, self.config, canvas=self.canvas)
+        pixels, hw[i], padded[i] = preprocess(img, self.config, canvas=self.canvas)
+        x[i] = np.asarray(normalize_images(pixels[None], hw[i][None], inp.pixel_mean,
+                                           inp.pixel_std))[0]
       out = self.run(x, hw, padded)
       for i, img in enumerate(chunk):
         res = image_instances(out["boxes"][i], out["scores"][i], out["classes"][i],

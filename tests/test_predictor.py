@@ -21,10 +21,44 @@ def test_preprocess_matches_official_bytes(lite_fixture):
     x, hw, padded = preprocess(inp[f"img{i}_orig_rgb_uint8"], cfg)
     ref = inp[f"img{i}_resized_bgr_uint8"]
     assert tuple(hw) == ref.shape[:2]
-    np.testing.assert_array_equal(
-        x[:hw[0], :hw[1]], ref.astype(np.float32) - inp["pixel_mean"])
+    assert x.dtype == np.uint8
+    np.testing.assert_array_equal(x[:hw[0], :hw[1]], ref)
     assert np.all(x[hw[0]:] == 0) and np.all(x[:, hw[1]:] == 0)
     assert tuple(padded) == tuple(-(-v // 32) * 32 for v in hw)
+
+
+def test_device_normalize_is_bit_exact_to_detectron2(lite_fixture):
+  """CenterMask.normalize (uint8 on the device) == detectron2's float batch tensor, both
+  images in one batch (zero padding included), on the official padding and on a canvas."""
+  import jax
+  cfg = load_config(CONFIG)
+  model = CenterMask(cfg)
+  inp = np.load(lite_fixture / "inputs.npz")
+  ref = inp["images_tensor"].transpose(0, 2, 3, 1)  # [2, 608, 928, 3] float32
+  hw = np.asarray(inp["image_sizes"], np.int32)
+  norm = jax.jit(model.normalize)
+  for canvas in (ref.shape[1:3], (640, 1024)):
+    x = np.zeros((2, *canvas, 3), np.uint8)
+    for i in range(2):
+      im = inp[f"img{i}_resized_bgr_uint8"]
+      x[i, :im.shape[0], :im.shape[1]] = im
+    out = np.asarray(norm(x, hw))
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out[:, :ref.shape[1], :ref.shape[2]], ref)
+    assert not out[:, ref.shape[1]:].any() and not out[:, :, ref.shape[2]:].any()
+    norm(255 - x, hw[::-1])  # same canvas, other pixels and sizes: no new compile
+  assert norm._cache_size() == 2  # one compile per canvas
+  # every uint8 value of every channel, with a non-trivial std, vs the NumPy float32 formula
+  cfg.unlock()
+  cfg.input.pixel_std = (57.375, 57.12, 58.395)
+  vals = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None, None], (1, 256, 1, 3))
+  out = np.asarray(jax.jit(CenterMask(cfg).normalize)(np.ascontiguousarray(vals),
+                                                        np.array([[256, 1]], np.int32)))
+  want = ((vals.astype(np.float32) - np.asarray(cfg.input.pixel_mean, np.float32))
+          / np.asarray(cfg.input.pixel_std, np.float32))
+  np.testing.assert_array_equal(out, want)
+  f = np.ones((1, 32, 32, 3), np.float32)
+  assert model.normalize(f, np.array([[8, 8]], np.int32)) is f
 
 
 def test_import_cli_then_predictor_reproduces_fixture(lite_fixture, tmp_path):

@@ -7,7 +7,8 @@ Global batching (same on every process, so every process has the same canvas at 
      last batch is filled with copies marked is_real=False)
   -> skip(start_step)                                  (train resume; records are not decoded)
   -> this process's slice [p*D*B, (p+1)*D*B)           (disjoint shards)
-  -> decode (PIL), resize (PIL bilinear), flip, GT padding, normalise, pad to canvas
+  -> decode (PIL), resize (PIL bilinear), flip, GT padding, uint8 pixels on the canvas
+     (normalised on the device by the model)
   -> [D, B, ...] numpy batches, prefetched.
 Randomness (train size choice and flip) is a stateless function of (seed, global example
 index), so batches are a pure function of (seed, step) and resume is exact.
@@ -104,12 +105,8 @@ def _input_params(config, train: bool) -> dict:
     raise ValueError(f"input.canvas_{'train' if train else 'test'}={tuple(canvas)} cannot hold "
                      f"every resized image (short side <= {short}, long side <= {long_}): "
                      f"need landscape >= ({short}, {long_}) and portrait >= ({long_}, {short})")
-  mean = np.asarray(_get(inp, "pixel_mean", (103.530, 116.280, 123.675)), np.float32)
-  std = np.asarray(_get(inp, "pixel_std", (1.0, 1.0, 1.0)), np.float32)
-  values = np.arange(256, dtype=np.float32)[None, :]
-  lut = np.ascontiguousarray((values - mean[:, None]) / std[:, None])  # [3, 256]
   return dict(
-      lut=lut, sizes=sizes, max_size=max_size, canvases=(land, port), divisibility=div, format=fmt,
+      sizes=sizes, max_size=max_size, canvases=(land, port), divisibility=div, format=fmt,
 
       flip=bool(_get(inp, "random_flip", True)) and train,
       m=int(_get(data, "max_instances", 100)), p=int(_get(data, "max_polygon_parts", 16)),
@@ -126,13 +123,10 @@ def _host_example(data, h0, w0, bbox, label, is_crowd, num_parts, poly_len, poly
     raise ValueError(f"resized image {hw} does not fit canvas {canvas}")
   if flip:
     img = img[:, ::-1]
-  # Normalise straight into the zeroed canvas through a per-channel lookup table holding
-  # (float32(v) - mean) / std for v = 0..255: the same float32 ops as detectron2, per value.
-  x = np.zeros((canvas[0], canvas[1], 3), np.float32)
-  view = x[:hw[0], :hw[1]]
-  lut = prm["lut"]
-  for ch in range(3):
-    view[:, :, ch] = lut[ch][img[:, :, ch]]
+  # Raw uint8 pixels on the zeroed canvas; the model normalises them on the device
+  # (`CenterMask.normalize`), a quarter of the bytes of a float32 batch to copy.
+  x = np.zeros((canvas[0], canvas[1], 3), np.uint8)
+  x[:hw[0], :hw[1]] = img
   gt, counts = transforms.instance_targets(
       in_hw=(int(h0), int(w0)), out_hw=hw, flip=bool(flip), bbox=bbox, label=label,
       is_crowd=is_crowd, num_parts=num_parts, poly_len=poly_len, poly_xy=poly_xy,
@@ -161,7 +155,7 @@ def _example_fn(features, prm, train, seed):
         [ex["image"], ex["height"], ex["width"], tf.io.decode_raw(ex["bbox_f64"], tf.float64),
          obj["label"], obj["is_crowd"], obj["num_parts"], ex["poly_len"],
          tf.io.decode_raw(ex["poly_xy"], tf.float64), short, flip],
-        [tf.float32, tf.int32, tf.int32, tf.float32, tf.int32, tf.bool, tf.float32, tf.int32,
+        [tf.uint8, tf.int32, tf.int32, tf.float32, tf.int32, tf.bool, tf.float32, tf.int32,
          tf.int32], stateful=False)
     img, hw, orig_hw, boxes, classes, valid, polys, plen, counts = outs
     img.set_shape([None, None, 3])

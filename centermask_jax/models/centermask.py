@@ -6,9 +6,11 @@ the centermask2 state-dict prefixes:
   roi_heads.maskiou_head.
 so `variables = {"params": {prefix: ...}, "frozen_bn": {"backbone": ...}}`.
 
-Inputs are NHWC normalised images on a static canvas (multiple of 128) plus per image
+Inputs are NHWC normalised images on a static canvas (multiple of 32) plus per image
 `image_hw` (resized size) and `padded_hw` (official detectron2 padded size, multiple
-of 32). Outputs are padded arrays with validity masks; see `predict`.
+of 32). Images travel as uint8 and are normalised on the device by `normalize` (the one
+home of the pixel normalisation, used by training, evaluation and the Predictor).
+Outputs are padded arrays with validity masks; see `predict`.
 """
 import dataclasses
 from typing import Any, Dict, Tuple
@@ -22,7 +24,7 @@ from centermask_jax.models.fcos import FCOSHead
 from centermask_jax.models.fpn import FPN, check_canvas
 from centermask_jax.models.mask_head import SAGMaskHead
 from centermask_jax.models.maskiou_head import MaskIoUHead
-from centermask_jax.ops import fcos_postprocess, postprocess, roi_align
+from centermask_jax.ops import fcos_postprocess, normalize, postprocess, roi_align
 
 BACKBONE = "backbone"
 FCOS_HEAD = "proposal_generator.fcos_head"
@@ -99,6 +101,12 @@ class CenterMask:
     return out
 
   # ---------------------------------------------------------------- stages
+  def normalize(self, images, image_hw):
+    """uint8 [N, Hc, Wc, 3] -> normalised float32 (config.input pixel_mean / pixel_std),
+    zeros outside image_hw [N, 2]; floating input is returned as is (`ops.normalize`)."""
+    inp = self.config.input
+    return normalize.normalize_images(images, image_hw, inp.pixel_mean, inp.pixel_std)
+
   def features(self, variables, images, padded_hw):
     """images [N, Hc, Wc, 3] -> ({p3..p7}, bottom-up dict)."""
     check_canvas(images.shape[1:3])
@@ -144,13 +152,15 @@ class CenterMask:
   def predict(self, variables, images, image_hw, padded_hw, capture: bool = False):
     """Full inference in resized-image coordinates (before detector_postprocess).
 
-    images [N, Hc, Wc, 3]; image_hw, padded_hw [N, 2] int32. Returns a dict:
+    images [N, Hc, Wc, 3] uint8 (normalised here) or float (normalised); image_hw,
+    padded_hw [N, 2] int32. Returns a dict:
       boxes [N, K, 4], scores [N, K], classes [N, K], locations [N, K, 2], valid [N, K],
       roi_levels [N, K], mask_probs [N, K, 28, 28] (predicted class), maskiou [N, K, C],
       mask_scores [N, K];  K = post_nms_topk_test. With capture=True also every
       intermediate the parity tool compares ("inter" sub-dict).
     """
     fc = self.config.model.fcos
+    images = self.normalize(images, image_hw)
     fpn_feats, bottom = self.features(variables, images, padded_hw)
     logits, reg, ctr = self.fcos(variables, fpn_feats, padded_hw)
     det = fcos_postprocess.fcos_inference(

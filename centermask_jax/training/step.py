@@ -52,7 +52,7 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
   fc = m.fcos
   compute = jnp.bfloat16 if bool(config.train.bf16) else jnp.float32
   variables = {"params": _cast(params, compute), "frozen_bn": frozen_bn}
-  images = batch["image"].astype(compute)
+  images = model.normalize(batch["image"], batch["image_hw"]).astype(compute)
   image_hw = batch["image_hw"]
   padded_hw = batch["padded_hw"]
 
