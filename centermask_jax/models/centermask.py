@@ -36,21 +36,22 @@ PARTS = (BACKBONE, FCOS_HEAD, MASK_HEAD, MASKIOU_HEAD)
 def build_bottom_up(bcfg) -> Tuple[Any, Tuple[str, str, str]]:
   """Backbone config -> (Flax module named 'bottom_up', names of its C3..C5 outputs)."""
   norm = bcfg.get("norm", "FrozenBN")
+  freeze_at = int(bcfg.get("freeze_at", 0) or 0)
   if bcfg.name != "vovnet" and norm != "FrozenBN":
     raise ValueError(f"model.backbone.norm={norm!r} is only supported for VoVNet "
                      f"(backbone {bcfg.name!r} uses FrozenBN)")
   if bcfg.name == "vovnet":
     from centermask_jax.models.vovnet import VoVNet
-    return (VoVNet(bcfg.variant, norm=norm, name="bottom_up"),
+    return (VoVNet(bcfg.variant, norm=norm, freeze_at=freeze_at, name="bottom_up"),
             ("stage3", "stage4", "stage5"))
   if bcfg.name == "resnet":
     from centermask_jax.models.resnet import ResNet
     return (ResNet(depth=bcfg.depth, num_groups=bcfg.num_groups,
                    width_per_group=bcfg.width_per_group, stride_in_1x1=bcfg.stride_in_1x1,
-                   name="bottom_up"), ("res3", "res4", "res5"))
+                   freeze_at=freeze_at, name="bottom_up"), ("res3", "res4", "res5"))
   if bcfg.name == "mobilenetv2":
     from centermask_jax.models.mobilenet import MobileNetV2
-    return MobileNetV2(name="bottom_up"), ("res3", "res4", "res5")
+    return MobileNetV2(freeze_at=freeze_at, name="bottom_up"), ("res3", "res4", "res5")
   raise ValueError(f"unknown backbone {bcfg.name!r} (vovnet | resnet | mobilenetv2)")
 
 

@@ -165,3 +165,10 @@ def upsample2x(x):
 def conv_out_hw(hw: Sequence[int], stride: int) -> Tuple[int, int]:
   """Output size of a k3 p1 (or pooled, even-input) stride-s op: ceil(n / s)."""
   return tuple(-(-int(n) // stride) for n in hw)
+
+
+def freeze_below(x, frozen: bool):
+  """FREEZE_AT: `x` is the output of a frozen stage -> stop_gradient(x), so the backward
+  pass computes nothing for it and the stages below (their parameters get exact zero
+  gradients; the optimiser masks their updates too). Identity in the forward pass."""
+  return jax.lax.stop_gradient(x) if frozen else x

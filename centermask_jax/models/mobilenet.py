@@ -68,12 +68,14 @@ class MobileNetV2(nn.Module):
   {"features.0": [N, H/2, W/2, 32], "res2": [N, H/4, W/4, 24], "res3": [.., 32],
    "res4": [.., 96], "res5": [.., 320]}.
   """
+  freeze_at: int = 0  # FREEZE_AT: features[0 .. freeze_at-1] frozen, no gradient below
 
   @nn.compact
   def __call__(self, x, padded_hw):
     x = L.Conv(STEM_CHANNELS, 3, 2, use_bias=False, kernel_init=_fan_out,
                name="features.0.0")(x, L.region_mask(padded_hw, x.shape[1:3], 1))
     x = jax.nn.relu6(L.FrozenBN(name="features.0.1")(x))
+    x = L.freeze_below(x, self.freeze_at >= 1)
     stride = 2
     i = 1
     feats = {"features.0": x}  # the stem (stride 2): a parity tap, unused by the FPN
@@ -81,6 +83,7 @@ class MobileNetV2(nn.Module):
       for j in range(n):
         block_stride = s if j == 0 else 1
         x = InvertedResidual(c, block_stride, t, name=f"features.{i}")(x, padded_hw, stride)
+        x = L.freeze_below(x, i < self.freeze_at)
         stride *= block_stride
         if i in RETURN_INDICES:
           feats[f"res{RETURN_INDICES.index(i) + 2}"] = x

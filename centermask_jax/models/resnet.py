@@ -68,6 +68,7 @@ class ResNet(nn.Module):
   num_groups: int = 1
   width_per_group: int = 64
   stride_in_1x1: bool = True
+  freeze_at: int = 0  # FREEZE_AT: no gradient flows below the frozen stages
 
   @nn.compact
   def __call__(self, x, padded_hw):
@@ -76,6 +77,7 @@ class ResNet(nn.Module):
                name="stem.conv1")(x, L.region_mask(padded_hw, hw, 1))
     x = nn.relu(L.FrozenBN(name="stem.conv1.norm")(x))
     x = L.max_pool_same(x, L.region_mask(padded_hw, x.shape[1:3], 2))
+    x = L.freeze_below(x, self.freeze_at >= 1)
     stride = 4
     out_ch = 256
     bottleneck = self.num_groups * self.width_per_group
@@ -87,6 +89,7 @@ class ResNet(nn.Module):
         x = BottleneckBlock(out_ch, bottleneck, block_stride, self.num_groups,
                             self.stride_in_1x1, name=f"res{n}.{j}")(x, padded_hw, stride)
         stride *= block_stride
+      x = L.freeze_below(x, self.freeze_at >= n)
       feats[f"res{n}"] = x
       out_ch *= 2
       bottleneck *= 2

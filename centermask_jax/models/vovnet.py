@@ -131,6 +131,7 @@ class VoVNet(nn.Module):
   norm: "FrozenBN" (official checkpoints) or "GN" (trainable, for from-scratch training)."""
   variant: str
   norm: str = "FrozenBN"
+  freeze_at: int = 0  # FREEZE_AT: stem (>= 1) and stage n (>= n) frozen, no gradient below
 
   @nn.compact
   def __call__(self, x, padded_hw):
@@ -146,6 +147,7 @@ class VoVNet(nn.Module):
     layer = dw if spec.depthwise else cnr
     x = layer(x, mask(2, x.shape[1:3]), "stem.stem_2", spec.stem[1], stride=1)
     x = layer(x, mask(2, x.shape[1:3]), "stem.stem_3", spec.stem[2], stride=2)
+    x = L.freeze_below(x, self.freeze_at >= 1)
     feats = {"stem": x}
     stride = 4
     for s in range(4):
@@ -159,5 +161,14 @@ class VoVNet(nn.Module):
                       identity=b > 0, depthwise=spec.depthwise, tag=f"OSA{n}_{b + 1}",
                       norm=self.norm,
                       name=f"stage{n}.OSA{n}_{b + 1}")(x, m)
+      x = L.freeze_below(x, self.freeze_at >= n)
       feats[f"stage{n}"] = x
     return feats
+
+
+def frozen_param_prefixes(freeze_at: int = 0) -> Tuple[str, ...]:
+  """centermask2 VoVNet._freeze_backbone: FREEZE_AT >= 1 freezes the stem, >= n freezes
+  stage{n} (module-path prefixes ending with '.', as `resnet.frozen_param_prefixes`)."""
+  prefixes = ["stem."] if freeze_at >= 1 else []
+  prefixes += [f"stage{n}." for n in range(2, 6) if freeze_at >= n]
+  return tuple(prefixes)

@@ -12,8 +12,9 @@
   counts (warmup, steps, max_iter) are used as given.
 * `optim.optimizer = "adamw"` swaps SGD for AdamW (decoupled decay on the same mask, same
   schedule; not an official recipe: for short from-scratch runs such as the built-in data).
-* Frozen parameters (ResNet FREEZE_AT: stem / res2) get exactly zero updates
-  (`optax.masked(set_to_zero())` as the last transform); FrozenBN buffers are not parameters at all.
+* Frozen parameters (FREEZE_AT: e.g. ResNet stem / res2) get exactly zero updates
+  (`optax.masked(set_to_zero())` as the last transform; the backbone also stops the
+  gradient above them, `layers.freeze_below`); FrozenBN buffers are not parameters at all.
 """
 from typing import Tuple
 
@@ -81,6 +82,8 @@ def frozen_prefixes(config) -> Tuple[str, ...]:
     from centermask_jax.models import resnet as mod
   elif b.name == "mobilenetv2":
     from centermask_jax.models import mobilenet as mod
+  elif b.name == "vovnet":
+    from centermask_jax.models import vovnet as mod
   else:
     raise ValueError(f"freeze_at={freeze_at} is not supported for backbone {b.name!r}")
   return tuple(BOTTOM_UP_PREFIX + p for p in mod.frozen_param_prefixes(freeze_at))
