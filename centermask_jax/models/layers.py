@@ -24,6 +24,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from centermask_jax.ops import kernels
+
 FROZEN_BN = "frozen_bn"
 
 
@@ -66,10 +68,7 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init,
                         (k, k, x.shape[-1] // self.groups, self.features), jnp.float32)
     dtype = self.dtype or x.dtype
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype), (self.stride, self.stride),
-        [(pad, pad), (pad, pad)], dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=self.groups)
+    y = kernels.conv2d(x.astype(dtype), kernel.astype(dtype), self.stride, pad, self.groups)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(dtype)
     return y

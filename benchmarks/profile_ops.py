@@ -1,0 +1,165 @@
+"""Top XLA ops by time for inference (`predict`) or the training step, from jax.profiler.
+
+  python benchmarks/profile_ops.py --model mv2 [--what predict|train] [--batch 2] [--iters 3]
+      [--top 30] [--by op|source]
+
+Same models, weights, images and padded shapes as `vs_reference.py` (b1 = img1, b2 = both
+images). The jitted function runs `--iters` times under `jax.profiler`; every executed
+thunk (an HLO fusion, convolution, dot, custom call, ...) is summed by name over the runs
+and mapped to its HLO instruction in the compiled module: opcode, output shape and the
+JAX source op (`metadata op_name`). `--by source` groups by that op_name path with the
+numbers stripped (e.g. all depthwise convs of one module kind) instead of per instruction.
+Times are per call (sum / iters); "%" is of the summed op time, not wall time.
+"""
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def hlo_index(hlo_text):
+  """name -> (opcode, shape, op_name) for every instruction of the compiled HLO text."""
+  idx = {}
+  pat = re.compile(r"^\s*(?:ROOT\s+)?(%?[\w.\-]+)\s*=\s*(\S+(?:\[[^\]]*\])?(?:\{[^}]*\})?)\s+"
+                   r"([\w\-]+)\(")
+  for line in hlo_text.splitlines():
+    m = pat.match(line)
+    if not m:
+      continue
+    name, shape, opcode = m.group(1).lstrip("%"), m.group(2), m.group(3)
+    src = re.search(r'op_name="([^"]*)"', line)
+    kind = re.search(r'kind=(k\w+)', line)
+    calls = re.search(r'calls=(%?[\w.\-]+)', line)
+    idx[name] = (opcode + (f":{kind.group(1)}" if kind else ""), shape,
+                 src.group(1) if src else "", calls.group(1).lstrip("%") if calls else None)
+  return idx
+
+
+def fused_source(idx, hlo_text, comp):
+  """The op_names inside a fused computation (to describe what a fusion does)."""
+  out = []
+  m = re.search(r"^%?" + re.escape(comp) + r"\b.*?\{\n(.*?)\n\}", hlo_text, re.S | re.M)
+  if not m:
+    return ""
+  for line in m.group(1).splitlines():
+    op = re.search(r"=\s*\S+\s+([\w\-]+)\(", line)
+    if op and op.group(1) in ("convolution", "dot", "reduce", "reduce-window", "gather",
+                               "scatter", "select-and-scatter", "sort", "custom-call"):
+      src = re.search(r'op_name="([^"]*)"', line)
+      out.append(op.group(1) + ("@" + src.group(1).split("/")[-1] if src else ""))
+  return ",".join(sorted(set(out)))[:120]
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default="mv2")
+  ap.add_argument("--what", default="predict", choices=("predict", "train"))
+  ap.add_argument("--batch", type=int, default=2, choices=(1, 2))
+  ap.add_argument("--iters", type=int, default=3)
+  ap.add_argument("--top", type=int, default=30)
+  ap.add_argument("--by", default="op", choices=("op", "source"))
+  ap.add_argument("--depthwise", choices=("lax", "shifted"),
+                  help="force this depthwise conv implementation (ops/kernels.py)")
+  ap.add_argument("--shared", default=os.path.join(os.path.dirname(REPO), "shared"))
+  ap.add_argument("--cache", default=os.path.join(os.path.dirname(REPO), "cache"))
+  args = ap.parse_args()
+  sys.path.insert(0, REPO)
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.profiler import ProfileData
+  import vs_reference as vr
+  from centermask_jax.checkpoints import official
+  from centermask_jax.config import load_config
+  from centermask_jax.models.centermask import CenterMask
+
+  from centermask_jax.ops import kernels
+  if args.depthwise:
+    kernels.DEPTHWISE_IMPL[jax.default_backend()] = args.depthwise
+  name = vr.MODELS[args.model][0]
+  cfg = load_config(os.path.join(REPO, "configs", name + ".py"))
+  model = CenterMask(cfg)
+  template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
+  template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
+  variables = official.import_checkpoint(template, vr.weights_path(args.model, args.shared,
+                                                                   args.cache))
+  imgs = vr.load_images(cfg, args.shared)
+  sel = [1] if args.batch == 1 else [0, 1]
+  div = cfg.input.size_divisibility
+  padded = tuple(max(-(-imgs[i][1][a] // div) * div for i in sel) for a in range(2))
+  mean = np.asarray(cfg.input.pixel_mean, np.float32)
+  x = np.zeros((len(sel), *padded, 3), np.float32)
+  for j, i in enumerate(sel):
+    h, w = imgs[i][1]
+    x[j, :h, :w] = imgs[i][0].astype(np.float32) - mean
+  image_hw = jnp.asarray([imgs[i][1] for i in sel], jnp.int32)
+  padded_hw = jnp.asarray([padded] * len(sel), jnp.int32)
+  if args.what == "predict":
+    fn = jax.jit(model.predict)
+    fargs = (jax.device_put(variables), jnp.asarray(x), image_hw, padded_hw)
+  else:
+    import functools
+    from centermask_jax.training import optimizer as opt_lib, step as step_lib
+    lite_hw = [tuple(int(v) for v in s) for s in np.load(os.path.join(
+        args.shared, "fixtures", vr.IMAGES_FIXTURE, "inputs.npz"))["image_sizes"]]
+    gt = vr.load_gt(args.shared, lite_hw, [im[1] for im in imgs])
+    batch = {k: jnp.asarray(gt[k]) for k in ("gt_boxes", "gt_classes", "gt_valid",
+                                              "gt_polys", "gt_poly_len")}
+    batch.update(image=jnp.asarray(x), image_hw=image_hw, padded_hw=padded_hw)
+    tx = opt_lib.make_optimizer(cfg, variables["params"])
+    state = step_lib.init_state(variables["params"], variables["frozen_bn"], tx)
+    fn = jax.jit(functools.partial(step_lib.train_step, model=model, config=cfg, tx=tx,
+                                   lr_fn=opt_lib.lr_schedule(cfg), axis_name=None))
+    fargs = (state, batch, jax.random.PRNGKey(0))
+  compiled = fn.lower(*fargs).compile()
+  text = compiled.as_text()
+  idx = hlo_index(text)
+  jax.block_until_ready(compiled(*fargs))
+  tmp = tempfile.mkdtemp(prefix="cm_prof_")
+  jax.profiler.start_trace(tmp)
+  for _ in range(args.iters):
+    jax.block_until_ready(compiled(*fargs))
+  jax.profiler.stop_trace()
+  pb = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0]
+  prof = ProfileData.from_file(pb)
+  tot = collections.Counter()
+  cnt = collections.Counter()
+  for plane in prof.planes:
+    if plane.name != "/host:CPU":
+      continue
+    for line in plane.lines:
+      if line.name == "python":
+        continue
+      for e in line.events:
+        if e.name in idx:
+          tot[e.name] += e.duration_ns / 1e9 / args.iters
+          cnt[e.name] += 1
+  total = sum(tot.values())
+  print(f"{args.model} {args.what} batch {args.batch} padded {padded}: summed op time "
+        f"{total:.3f} s per call over {len(tot)} thunks")
+  if args.by == "source":
+    groups = collections.Counter()
+    for k, v in tot.items():
+      opcode, shape, src, calls = idx[k]
+      key = re.sub(r"\d+", "#", src or (fused_source(idx, text, calls) if calls else "")
+                   or opcode) + f" [{opcode}]"
+      groups[key] += v
+    for k, v in groups.most_common(args.top):
+      print(f"{v:8.4f} s {100 * v / total:5.1f}%  {k}")
+    return
+  for k, v in tot.most_common(args.top):
+    opcode, shape, src, calls = idx[k]
+    what = fused_source(idx, text, calls) if calls else ""
+    print(f"{v:8.4f} s {100 * v / total:5.1f}%  {k:28s} {opcode:22s} {shape[:40]:40s} "
+          f"{(what or src)[-110:]}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,49 @@
+"""ops/kernels.py: every rewrite equals XLA's plain conv up to float rounding (fwd + grads)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from centermask_jax.ops import kernels as K
+
+# (N, H, W, C, k, stride, pad): odd and even sizes, strides 1 and 2, the model's 3x3 p1
+# and a 5x5 / no-padding case.
+CASES = [(2, 9, 12, 8, 3, 1, 1), (1, 10, 7, 16, 3, 2, 1), (2, 11, 11, 4, 3, 2, 1),
+         (1, 8, 9, 6, 5, 1, 2), (1, 9, 8, 5, 3, 1, 0)]
+
+
+def _rand(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+@pytest.mark.parametrize("n,h,w,c,k,s,p", CASES)
+def test_depthwise_shifted_equals_lax_conv(n, h, w, c, k, s, p):
+  x, kern = _rand((n, h, w, c), 0), _rand((k, k, 1, c), 1)
+  ref = K.lax_conv2d(x, kern, s, p, groups=c)
+  out = K.depthwise_shifted(x, kern, s, p)
+  assert out.shape == ref.shape
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  # gradients w.r.t. input and kernel of a non-linear function of the output
+  g = _rand(ref.shape, 2)
+  f = lambda fn: jax.grad(lambda a, b: jnp.sum(jnp.tanh(fn(a, b)) * g), (0, 1))(x, kern)
+  gx_ref, gk_ref = f(lambda a, b: K.lax_conv2d(a, b, s, p, groups=c))
+  gx, gk = f(lambda a, b: K.depthwise_shifted(a, b, s, p))
+  np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gk, gk_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_conv2d_dispatch():
+  """conv2d picks the rewrite only for depthwise convs; both impls agree through it."""
+  x = _rand((1, 8, 8, 6), 3)
+  dw = _rand((3, 3, 1, 6), 4)
+  a = K.conv2d(x, dw, 1, 1, groups=6, impl="lax")
+  b = K.conv2d(x, dw, 1, 1, groups=6, impl="shifted")
+  c = K.conv2d(x, dw, 1, 1, groups=6)
+  np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
+  # grouped (not depthwise) and dense convs always go to lax (exactly equal)
+  grouped = _rand((3, 3, 3, 6), 5)
+  np.testing.assert_array_equal(K.conv2d(x, grouped, 1, 1, groups=2),
+                                K.lax_conv2d(x, grouped, 1, 1, groups=2))
+  dense = _rand((1, 1, 6, 4), 6)
+  np.testing.assert_array_equal(K.conv2d(x, dense), K.lax_conv2d(x, dense))
