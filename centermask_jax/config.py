@@ -93,6 +93,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.eval_every = 0              # N > 0: every N steps and at max_iter; 0: at max_iter only; -1: never
   t.bf16 = False
+  # Mask / MaskIoU loss normaliser over devices: "per_device" = centermask2 under DDP (each
+  # device's mean over its own foreground RoIs, gradients then averaged); "global" = sums
+  # over the all-device RoI counts (gradient independent of how the batch is split).
+  t.mask_loss_norm = "per_device"
   return c
 
 

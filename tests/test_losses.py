@@ -299,3 +299,88 @@ def test_mask_losses_no_recompile():
     logits, targets, ratio, iou_pred, fg = random_mask_batch(rng, d=2)
     vals.append((float(f(logits, targets, fg)), float(g(logits, targets, ratio, iou_pred, fg)[0])))
   assert f._cache_size() == 1 and g._cache_size() == 1 and vals[0] != vals[1]
+
+
+@pytest.mark.parametrize("norm", ["per_device", "global"])
+def test_mask_loss_normalisation_over_four_devices_gradients_vs_numpy(norm):
+  """4 devices holding 5, 0, 2 and 6 foreground RoIs; mask logits = w * z and MaskIoU
+  predictions = v * u with shared scalars (w, v). The train step's recipe (the normaliser
+  axis from `train.mask_loss_norm`, then the device mean of the gradients, as DDP) gives
+  NumPy's float64 gradients of: per_device = mean over devices of each device's own mean
+  (centermask2 under DDP); global = one mean over all devices' RoIs."""
+  import ml_collections
+  from centermask_jax.training import step as S
+  rng = np.random.default_rng(12)
+  d, r = 4, 7
+  z = rng.normal(0, 1.5, (d, r, 28, 28)).astype(np.float32)
+  targets = rng.uniform(size=(d, r, 28, 28)) < 0.4
+  targets[2, 1] = False  # empty target: MaskIoU target 0, not in the MaskIoU mean
+  ratio = rng.uniform(0.3, 1.0, (d, r)).astype(np.float32)
+  u = rng.normal(0.5, 0.3, (d, r)).astype(np.float32)
+  fg = np.zeros((d, r), bool)
+  for dev, n in enumerate((5, 0, 2, 6)):
+    fg[dev, :n] = True
+  w, v = np.float32(0.8), np.float32(1.3)
+  cfg = ml_collections.ConfigDict({"train": {"mask_loss_norm": norm}})
+  axis = S.mask_loss_axis(cfg, "d")
+  assert axis == ("d" if norm == "global" else None)
+
+  def device_loss(params, zz, tt, rr, uu, ff):
+    logits = params[0] * zz
+    lm = Lo.mask_loss(logits, tt, ff, axis_name=axis)
+    li, _ = Lo.maskiou_targets_and_loss(logits, tt, rr, params[1] * uu, ff, axis_name=axis)
+    return lm + li, (lm, li)
+
+  def step(params, *a):
+    (_, parts), g = jax.value_and_grad(device_loss, has_aux=True)(params, *a)
+    return jax.lax.pmean(g, "d"), parts
+
+  sh = lambda a: a[:, None]
+  params = np.broadcast_to(np.array([w, v]), (d, 2))
+  g, (lm, li) = jax.pmap(step, axis_name="d")(params, sh(z), sh(targets), sh(ratio), sh(u),
+                                              sh(fg))
+  g = np.asarray(g[0], np.float64)
+
+  # NumPy float64: per device sums of BCE / MaskIoU terms and their w / v derivatives.
+  sig = lambda x: 1 / (1 + np.exp(-x))
+  parts = []
+  for dev in range(d):
+    f = fg[dev]
+    x = np.float64(w) * z[dev][f].astype(np.float64)
+    y = targets[dev][f].astype(np.float64)
+    bce_sum = np_bce(x, y).sum()
+    dbce_dw = ((sig(x) - y) * z[dev][f]).sum()
+    pred = x > 0
+    full = y.sum((1, 2)) / np.maximum(ratio[dev][f].astype(np.float64), 1e-10)
+    ovr = (pred * y).sum((1, 2))
+    tgt = ovr / np.maximum(pred.sum((1, 2)) + full - ovr, 1)
+    sel = tgt > 0
+    p = np.float64(v) * u[dev][f][sel]
+    parts.append((bce_sum, dbce_dw, f.sum() * 784, (0.5 * (p - tgt[sel]) ** 2).sum(),
+                  ((p - tgt[sel]) * u[dev][f][sel]).sum(), sel.sum()))
+  P = np.array(parts)
+  if norm == "per_device":
+    safe = lambda a, b: np.where(b > 0, a / np.maximum(b, 1), 0.0)
+    want_lm = safe(P[:, 0], P[:, 2])
+    want_li = safe(P[:, 3], P[:, 5])
+    want_g = [np.mean(safe(P[:, 1], P[:, 2])), np.mean(safe(P[:, 4], P[:, 5]))]
+    np.testing.assert_allclose(np.asarray(lm), want_lm, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(li), want_li, rtol=2e-5)
+    assert float(lm[1]) == 0 and float(li[1]) == 0
+  else:
+    want_g = [P[:, 1].sum() / P[:, 2].sum(), P[:, 4].sum() / P[:, 5].sum()]
+    np.testing.assert_allclose(float(np.mean(lm)), P[:, 0].sum() / P[:, 2].sum(), rtol=2e-5)
+    np.testing.assert_allclose(float(np.mean(li)), P[:, 3].sum() / P[:, 5].sum(), rtol=2e-5)
+  np.testing.assert_allclose(g, want_g, rtol=2e-5)
+  # the two forms really differ on this split (unequal foreground counts)
+  other = ([P[:, 1].sum() / P[:, 2].sum()] if norm == "per_device"
+           else [np.mean(np.where(P[:, 2] > 0, P[:, 1] / np.maximum(P[:, 2], 1), 0))])
+  assert abs(g[0] - other[0]) > 1e-3 * abs(other[0])
+
+
+def test_mask_loss_norm_rejects_unknown():
+  import ml_collections
+  from centermask_jax.training import step as S
+  with pytest.raises(ValueError, match="mask_loss_norm"):
+    S.mask_loss_axis(ml_collections.ConfigDict({"train": {"mask_loss_norm": "mean"}}), "d")
+  assert S.mask_loss_axis(ml_collections.ConfigDict({"train": {}}), "d") is None

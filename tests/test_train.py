@@ -104,7 +104,11 @@ def _loss_and_grads(c, model, v, batch, devices):
 
 
 def test_four_devices_match_one(setup):
+  """With train.mask_loss_norm = "global" every normaliser is an all-device count: the
+  averaged gradient does not depend on how the batch is split over devices."""
   c, model, v = setup
+  c = c.copy_and_resolve_references()
+  c.train.mask_loss_norm = "global"
   assert jax.local_device_count() == 4
   batch = make_batch(4, 0)
   l4, g4 = _loss_and_grads(c, model, v, batch, jax.local_devices())
@@ -116,6 +120,30 @@ def test_four_devices_match_one(setup):
   assert scale > 0
   for a, b in zip(flat4, flat1):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_default_mask_losses_are_per_device_means(setup):
+  """Default (centermask2 under DDP): each device's loss_mask / loss_maskiou is the mean
+  over its own foreground RoIs, i.e. what the 1-device loss gives on its sub-batch, and
+  the devices hold unequal foreground counts here."""
+  c, model, v = setup
+  assert c.train.mask_loss_norm == "per_device"
+  batch = make_batch(4, 0)
+  batch["gt_valid"][1, 1:] = False  # image 1: one GT instance (the others have three)
+  fn = functools.partial(S.loss_fn, model=model, config=c)
+  rng = jax.random.PRNGKey(3)
+  _, aux4 = jax.pmap(lambda p, fb, bt: fn(p, fb, bt, rng, axis_name="batch"),
+                     axis_name="batch")(S.replicate(v["params"]), S.replicate(v["frozen_bn"]),
+                                        split(batch, 4))
+  one = jax.jit(lambda p, fb, bt: fn(p, fb, bt, rng, axis_name=None))
+  num_fg = []
+  for d in range(4):
+    _, aux1 = one(v["params"], v["frozen_bn"], {k: x[d:d + 1] for k, x in batch.items()})
+    num_fg.append(float(aux1["num_fg"]))
+    assert float(aux4["num_fg"][d]) == num_fg[-1]
+    for k in ("loss_mask", "loss_maskiou"):
+      np.testing.assert_allclose(float(aux4[k][d]), float(aux1[k]), rtol=1e-5, err_msg=k)
+  assert len(set(num_fg)) > 1, num_fg
 
 
 def test_resume_is_exact_and_no_recompile(setup, tmp_path):

@@ -5,10 +5,11 @@ Normalisation across devices (`axis_name`, inside pmap / shard_map):
   and the GIoU normaliser `max(psum(sum ctr targets) / D, 1e-6)`; each device's loss is
   its local sum over that normaliser, and `pmean` of the gradients gives the official ones.
 * Mask / MaskIoU: detectron2 computes them as *per-device* means (DDP then averages the
-  gradients). `axis_name=None` reproduces that (use it for parity). With `axis_name` the
-  denominators become the all-device average counts (as FCOS does), which makes the
-  pmean-ed gradient independent of how the batch is split over devices (a deviation from
-  detectron2 that only matters when devices hold different numbers of foreground RoIs).
+  gradients). `axis_name=None` reproduces that (the training default,
+  `train.mask_loss_norm = "per_device"`). With `axis_name` the denominators become the
+  all-device average counts (as FCOS does; "global"), which makes the pmean-ed gradient
+  independent of how the batch is split over devices (differs from detectron2 only when
+  devices hold different numbers of foreground RoIs).
 All normalisers carry no gradient.
 """
 from typing import Optional

@@ -1,8 +1,9 @@
 """CenterMask training loss and the pmapped update step.
 
-`loss_fn` is per-device code: every count normaliser is reduced over `axis_name`
-(spec §c.4), so the pmean of the per-device gradients equals the gradient of the
-global-batch loss. `make_train_step` pmaps `train_step` over the local devices with
+`loss_fn` is per-device code. The FCOS normalisers are reduced over `axis_name` (spec
+§c.4, all-device positive count); the mask and MaskIoU losses are, as centermask2 under
+DDP, means over each device's own foreground RoIs (`train.mask_loss_norm = "per_device"`,
+the default) or over the all-device counts ("global"). `train_step` averages gradients. `make_train_step` pmaps `train_step` over the local devices with
 the state donated.
 
 State: a dict {"step": int32 [], "params": ..., "frozen_bn": ..., "opt_state": ...}
@@ -36,6 +37,19 @@ def fg_slots(config) -> int:
   """Static number of foreground RoI slots per image (= the official fg cap)."""
   c = config.model
   return int(min(c.roi.max_fg_per_image, c.fcos.post_nms_topk_train + config.data.max_instances))
+
+
+MASK_LOSS_NORMS = ("per_device", "global")
+
+
+def mask_loss_axis(config, axis_name: Optional[str]) -> Optional[str]:
+  """Device axis the mask / MaskIoU normalisers are reduced over: None for
+  `train.mask_loss_norm = "per_device"` (centermask2 + DDP: per-device means, the train
+  step then averages gradients), `axis_name` for "global" (all-device counts)."""
+  norm = config.train.get("mask_loss_norm", "per_device")
+  if norm not in MASK_LOSS_NORMS:
+    raise ValueError(f"train.mask_loss_norm={norm!r}; expected one of {MASK_LOSS_NORMS}")
+  return axis_name if norm == "global" else None
 
 
 def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
@@ -85,12 +99,13 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
   cls_logits = postprocess.select_class_masks(mask_all, fg["gt_classes"]).astype(jnp.float32)
   mt, ratio = MT.mask_targets(boxes, fg["matched_idx"], fg["fg"], batch["gt_polys"],
                               batch["gt_poly_len"], mask_size=cls_logits.shape[-1])
-  loss_mask = L.mask_loss(cls_logits, mt, fg["fg"], axis_name=axis_name)
+  mask_axis = mask_loss_axis(config, axis_name)
+  loss_mask = L.mask_loss(cls_logits, mt, fg["fg"], axis_name=mask_axis)
   iou_all = model.maskiou(variables, pooled, jax.nn.sigmoid(cls_logits).astype(compute))
   iou_g = jnp.take_along_axis(iou_all, fg["gt_classes"][..., None], axis=-1,
                               mode="clip")[..., 0].astype(jnp.float32)
   loss_maskiou, iou_t = L.maskiou_targets_and_loss(
-      cls_logits, mt, ratio, iou_g, fg["fg"], axis_name=axis_name,
+      cls_logits, mt, ratio, iou_g, fg["fg"], axis_name=mask_axis,
       loss_weight=m.maskiou_head.loss_weight)
   losses = {"loss_fcos_cls": fl["loss_fcos_cls"], "loss_fcos_loc": fl["loss_fcos_loc"],
             "loss_fcos_ctr": fl["loss_fcos_ctr"], "loss_mask": loss_mask,
