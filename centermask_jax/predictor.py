@@ -15,7 +15,7 @@ import numpy as np
 
 from centermask_jax.data import transforms
 from centermask_jax.ops import masks as mask_ops
-from centermask_jax.ops import postprocess
+from centermask_jax.ops import padding, postprocess
 
 
 def preprocess(image_rgb: np.ndarray, config, canvas=None):
@@ -34,8 +34,7 @@ def preprocess(image_rgb: np.ndarray, config, canvas=None):
   h0, w0 = img.shape[:2]
   hw = transforms.get_output_shape(h0, w0, inp.min_size_test, inp.max_size_test)
   img = transforms.resize_uint8(np.ascontiguousarray(img), hw)
-  div = inp.size_divisibility
-  padded = tuple(-(-v // div) * div for v in hw)
+  padded = tuple(int(padding.official_padded_hw(v, inp.size_divisibility)) for v in hw)
   if canvas is None:
     canvas = transforms.canvas_hw(inp.min_size_test, inp.max_size_test, hw[1] >= hw[0])
     canvas = (max(canvas[0], padded[0]), max(canvas[1], padded[1]))

@@ -25,6 +25,7 @@ import tensorflow as tf
 from centermask_jax.data import coco_builder
 from centermask_jax.data import prepare
 from centermask_jax.data import transforms
+from centermask_jax.ops import padding
 
 _COUNT_NAMES = ("instances_over_max", "polygon_parts_over_max", "polygons_resampled",
                 "instances_without_polygon")
@@ -164,7 +165,7 @@ def _example_fn(features, prm, train, seed):
     div = prm["divisibility"]
     valid = tf.logical_and(tf.reshape(valid, [m]), is_real)
     return dict(
-        image=img, image_hw=hw, padded_hw=(hw + div - 1) // div * div, orig_hw=orig_hw,
+        image=img, image_hw=hw, padded_hw=padding.official_padded_hw(hw, div), orig_hw=orig_hw,
         image_id=tf.where(is_real, tf.cast(ex["image_id"], tf.int32), -1), is_real=is_real,
         gt_boxes=tf.reshape(boxes, [m, 4]), gt_classes=tf.reshape(classes, [m]),
         gt_valid=valid, gt_polys=tf.reshape(polys, [m, p, v, 2]),

@@ -23,17 +23,13 @@ import jax
 import numpy as np
 
 from centermask_jax.evaluation import coco as coco_eval
-from centermask_jax.ops import postprocess
+from centermask_jax.ops import padding, postprocess
 
 log = logging.getLogger(__name__)
 
 MODEL_KEYS = ("image", "image_hw", "padded_hw")
 OUT_KEYS = ("boxes", "scores", "classes", "valid", "mask_probs", "maskiou")
 PASTE_MULTIPLE = 32
-
-
-def _round_up(v, m):
-  return int(-(-int(v) // m) * m)
 
 
 def group_paste_canvases(gt_json_path: str, multiple: int = PASTE_MULTIPLE):
@@ -48,7 +44,7 @@ def group_paste_canvases(gt_json_path: str, multiple: int = PASTE_MULTIPLE):
   for landscape in (True, False):
     hs = [im["height"] for im in images if (im["width"] > im["height"]) == landscape] or [1]
     ws = [im["width"] for im in images if (im["width"] > im["height"]) == landscape] or [1]
-    out.append((_round_up(max(hs), multiple), _round_up(max(ws), multiple)))
+    out.append((padding.round_up(max(hs), multiple), padding.round_up(max(ws), multiple)))
   return tuple(out)
 
 
@@ -159,8 +155,8 @@ class Evaluator:
         canvas = canvases[0] if landscape else canvases[1]
       orig = batch["orig_hw"][batch["is_real"]]
       if orig.size and (orig[:, 0].max() > canvas[0] or orig[:, 1].max() > canvas[1]):
-        canvas = (max(canvas[0], _round_up(orig[:, 0].max(), PASTE_MULTIPLE)),
-                  max(canvas[1], _round_up(orig[:, 1].max(), PASTE_MULTIPLE)))
+        canvas = (max(canvas[0], int(padding.round_up(orig[:, 0].max(), PASTE_MULTIPLE))),
+                  max(canvas[1], int(padding.round_up(orig[:, 1].max(), PASTE_MULTIPLE))))
       out = self._infer(rvars, {k: batch[k] for k in self.keys})
       dev = self._paste_fn(canvas)(out, batch["image_hw"], batch["orig_hw"])
       small = {k: batch[k] for k in ("is_real", "image_id", "orig_hw")}

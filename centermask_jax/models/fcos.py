@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from centermask_jax.models import layers as L
+from centermask_jax.ops import padding
 
 _normal01 = nn.initializers.normal(0.01)
 
@@ -47,7 +48,7 @@ class FCOSHead(nn.Module):
 
     logits, regs, ctrs = [], [], []
     for lvl, (f, stride) in enumerate(zip(features, self.strides)):
-      mask = L.region_mask(padded_hw, f.shape[1:3], stride)
+      mask = padding.region_mask(padded_hw, f.shape[1:3], stride)
       outs = {}
       for tower, layers in towers.items():
         t = f

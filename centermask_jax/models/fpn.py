@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 
 from centermask_jax.models import layers as L
+from centermask_jax.ops import padding
 
 # detectron2 c2_xavier_fill: kaiming_uniform(a=1) == U(+-sqrt(3 / fan_in)).
 _xavier_fill = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
@@ -30,22 +31,22 @@ class FPN(nn.Module):
       f = bottom[feat_name]
       lat = L.Conv(c, 1, kernel_init=_xavier_fill, name=f"fpn_lateral{level}")(f)
       prev = lat if prev is None else lat + L.upsample2x(prev)
-      mask = L.region_mask(padded_hw, prev.shape[1:3], 2 ** level)
+      mask = padding.region_mask(padded_hw, prev.shape[1:3], 2 ** level)
       outs[f"p{level}"] = L.Conv(c, 3, kernel_init=_xavier_fill,
                                  name=f"fpn_output{level}")(prev, mask)
       names[level] = feat_name
     p5 = outs["p5"]
     p6 = L.Conv(c, 3, 2, kernel_init=_xavier_fill, name="top_block.p6")(
-        p5, L.region_mask(padded_hw, p5.shape[1:3], 32))
+        p5, padding.region_mask(padded_hw, p5.shape[1:3], 32))
     p7 = L.Conv(c, 3, 2, kernel_init=_xavier_fill, name="top_block.p7")(
-        nn.relu(p6), L.region_mask(padded_hw, p6.shape[1:3], 64))
+        nn.relu(p6), padding.region_mask(padded_hw, p6.shape[1:3], 64))
     outs["p6"], outs["p7"] = p6, p7
     return {k: outs[k] for k in ("p3", "p4", "p5", "p6", "p7")}, bottom
 
 
 # Inputs must be multiples of 32 (as detectron2 pads) so P3..P5 are exact halvings;
 # our pipelines use multiples of 128 so that P6/P7 canvases are exact too.
-SIZE_DIVISIBILITY = 32
+SIZE_DIVISIBILITY = padding.SIZE_DIVISIBILITY
 
 
 def check_canvas(shape: Sequence[int]):

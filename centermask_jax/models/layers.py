@@ -1,15 +1,6 @@
-"""Shared layers and the padding-exactness helpers.
-
-Layout: NHWC. Every image carries its *official padded size* (the batch tensor
-size detectron2 would have used, a multiple of 32). On a larger static canvas we
-reproduce the official numbers by
-  * zeroing features outside that region before every op with spatial support > 1
-    (convs with k > 1 see exactly the zero border detectron2's padding gives),
-  * pooling (eSE, GroupNorm statistics) over that region only,
-  * filling -inf outside it before max-pooling.
-`region_mask(padded_hw, (H, W), stride)` gives the [N, H, W, 1] float mask of a
-feature map at `stride`: valid rows are `ceil(Hp / stride)`, as conv/pool
-arithmetic on the official tensor gives.
+"""Shared layers (NHWC). Padding exactness: the region masks and masked statistics come
+from `centermask_jax.ops.padding` (convs mask their input when k > 1, GroupNorm takes
+statistics over the region, max-pooling fills -inf outside it).
 
 Naming: Flax module names mirror the PyTorch module paths of centermask2, with
 '/' written as ':' (e.g. 'stem.stem_1:conv'), so that
@@ -18,29 +9,16 @@ Leaf names: kernel -> weight, scale (GroupNorm) -> weight, bias -> bias,
 scalar (FCOS Scale) -> scale; FrozenBN buffers live in the 'frozen_bn'
 collection under their PyTorch names.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from centermask_jax.ops import kernels
+from centermask_jax.ops.padding import apply_mask, masked_group_stats
 
 FROZEN_BN = "frozen_bn"
-
-
-def region_mask(padded_hw, hw: Tuple[int, int], stride: int):
-  """padded_hw [N, 2] int (official padded input size) -> [N, H, W, 1] float32 mask."""
-  padded_hw = jnp.asarray(padded_hw, jnp.int32)
-  valid = (padded_hw + stride - 1) // stride  # ceil(Hp / stride)
-  rows = jnp.arange(hw[0])[None, :] < valid[:, :1]
-  cols = jnp.arange(hw[1])[None, :] < valid[:, 1:2]
-  return (rows[:, :, None] & cols[:, None, :]).astype(jnp.float32)[..., None]
-
-
-def apply_mask(x, mask):
-  """Zeroes x outside the region (mask None = whole canvas valid)."""
-  return x if mask is None else jnp.where(mask > 0, x, jnp.zeros((), x.dtype))
 
 
 class Conv(nn.Module):
@@ -104,17 +82,9 @@ class MaskedGroupNorm(nn.Module):
   @nn.compact
   def __call__(self, x, mask=None):
     n, h, w, c = x.shape
-    g = self.num_groups
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    xf = apply_mask(x, mask).astype(jnp.float32).reshape(n, h, w, g, c // g)
-    if mask is None:
-      m = jnp.ones((n, h, w, 1, 1), jnp.float32)
-    else:
-      m = mask.reshape(n, h, w, 1, 1).astype(jnp.float32)
-    count = jnp.sum(m, axis=(1, 2, 3, 4), keepdims=True) * (c // g)
-    mean = jnp.sum(xf * m, axis=(1, 2, 4), keepdims=True) / count
-    var = jnp.sum(jnp.square((xf - mean) * m), axis=(1, 2, 4), keepdims=True) / count
+    xf, mean, var = masked_group_stats(x, mask, self.num_groups)
     y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
     return (y * scale + bias).astype(x.dtype)
 
@@ -147,23 +117,9 @@ def max_pool_same(x, mask=None):
   return _zero_neg_inf(nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1))))
 
 
-def masked_mean(x, mask=None):
-  """Spatial mean over the region: [N, H, W, C] -> [N, 1, 1, C]."""
-  if mask is None:
-    return jnp.mean(x, axis=(1, 2), keepdims=True)
-  m = mask.astype(x.dtype)
-  total = jnp.sum(jnp.where(mask > 0, x, jnp.zeros((), x.dtype)), axis=(1, 2), keepdims=True)
-  return total / jnp.sum(m, axis=(1, 2), keepdims=True)
-
-
 def upsample2x(x):
   """Nearest-neighbour x2 (pixel duplication) [N, H, W, C] -> [N, 2H, 2W, C]."""
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-
-
-def conv_out_hw(hw: Sequence[int], stride: int) -> Tuple[int, int]:
-  """Output size of a k3 p1 (or pooled, even-input) stride-s op: ceil(n / s)."""
-  return tuple(-(-int(n) // stride) for n in hw)
 
 
 def freeze_below(x, frozen: bool):

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 
 from centermask_jax.models import layers as L
+from centermask_jax.ops import padding
 
 # (expand ratio t, out channels c, repeats n, first stride s)
 BLOCK_SETTINGS: Tuple[Tuple[int, int, int, int], ...] = (
@@ -49,7 +50,7 @@ class InvertedResidual(nn.Module):
       y = L.Conv(hidden, 1, use_bias=False, kernel_init=_fan_out, name="conv.0")(y)
       y = jax.nn.relu6(L.FrozenBN(name="conv.1")(y))
       k = 3
-    mask = None if padded_hw is None else L.region_mask(padded_hw, y.shape[1:3], in_stride)
+    mask = None if padded_hw is None else padding.region_mask(padded_hw, y.shape[1:3], in_stride)
     y = L.Conv(hidden, 3, self.stride, groups=hidden, use_bias=False, kernel_init=_fan_out,
                name=f"conv.{k}")(y, mask)
     y = jax.nn.relu6(L.FrozenBN(name=f"conv.{k + 1}")(y))
@@ -73,7 +74,7 @@ class MobileNetV2(nn.Module):
   @nn.compact
   def __call__(self, x, padded_hw):
     x = L.Conv(STEM_CHANNELS, 3, 2, use_bias=False, kernel_init=_fan_out,
-               name="features.0.0")(x, L.region_mask(padded_hw, x.shape[1:3], 1))
+               name="features.0.0")(x, padding.region_mask(padded_hw, x.shape[1:3], 1))
     x = jax.nn.relu6(L.FrozenBN(name="features.0.1")(x))
     x = L.freeze_below(x, self.freeze_at >= 1)
     stride = 2

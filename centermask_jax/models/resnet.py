@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from centermask_jax.models import layers as L
+from centermask_jax.ops import padding
 
 STAGE_BLOCKS: Dict[int, Tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -51,7 +52,7 @@ class BottleneckBlock(nn.Module):
     y = nn.relu(conv_norm(x, "conv1", self.bottleneck_channels, 1, s1))
     mask = None
     if padded_hw is not None:
-      mask = L.region_mask(padded_hw, y.shape[1:3], in_stride * s1)
+      mask = padding.region_mask(padded_hw, y.shape[1:3], in_stride * s1)
     y = nn.relu(conv_norm(y, "conv2", self.bottleneck_channels, 3, s3, mask, self.num_groups))
     y = conv_norm(y, "conv3", self.out_channels, 1, 1)
     return nn.relu(y + shortcut)
@@ -74,9 +75,9 @@ class ResNet(nn.Module):
   def __call__(self, x, padded_hw):
     hw = x.shape[1:3]
     x = L.Conv(64, 7, 2, pad=3, use_bias=False, kernel_init=_msra,
-               name="stem.conv1")(x, L.region_mask(padded_hw, hw, 1))
+               name="stem.conv1")(x, padding.region_mask(padded_hw, hw, 1))
     x = nn.relu(L.FrozenBN(name="stem.conv1.norm")(x))
-    x = L.max_pool_same(x, L.region_mask(padded_hw, x.shape[1:3], 2))
+    x = L.max_pool_same(x, padding.region_mask(padded_hw, x.shape[1:3], 2))
     x = L.freeze_below(x, self.freeze_at >= 1)
     stride = 4
     out_ch = 256

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from centermask_jax.models import layers as L
+from centermask_jax.ops import padding
 from centermask_jax.ops.numerics import exact_div
 
 
@@ -117,7 +118,7 @@ class OSAModule(nn.Module):
       x = layer(x, mask, f"layers.{i}.{tag}_{i}", self.stage_ch)
       outputs.append(x)
     y = cnr(jnp.concatenate(outputs, -1), mask, f"concat.{tag}_concat", self.concat_ch, 1)
-    gate = L.masked_mean(y, mask)
+    gate = padding.masked_mean(y, mask)
     gate = L.Conv(self.concat_ch, 1, use_bias=True, kernel_init=_he, name="ese.fc")(gate)
     y = y * hsigmoid(gate)
     if self.identity:
@@ -139,7 +140,7 @@ class VoVNet(nn.Module):
     hw = x.shape[1:3]
 
     def mask(stride, shape):
-      return L.region_mask(padded_hw, shape, stride)
+      return padding.region_mask(padded_hw, shape, stride)
 
     cnr = functools.partial(conv_norm_relu, norm=self.norm)
     dw = functools.partial(dw_conv_norm_relu, norm=self.norm)

@@ -12,8 +12,8 @@ deformable_groups=1), which centermask2's `*_dcn_*` VoVNets use:
   as 0;
 * the sample is multiplied by `mask[..., t]` before the contraction with the weights.
 
-Padding exactness: `valid_hw` [N, 2] gives each image's official map size (rows,
-cols of the tensor detectron2 would have). H and W of the rule above are taken from
+Padding exactness: `valid_hw` [N, 2] gives each image's official map size
+(`ops.padding.official_map_hw`: rows, cols of the tensor detectron2 would have). H and W of the rule above are taken from
 it, per image, and nothing outside it is read, so a larger canvas gives the same
 numbers in the official region.
 

@@ -21,8 +21,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from centermask_jax.models.layers import region_mask
 from centermask_jax.ops.nms import class_aware_nms, first_k
+from centermask_jax.ops.padding import region_mask
 
 FINAL_KEYS = ("boxes", "scores", "classes", "locations", "levels", "valid")
 

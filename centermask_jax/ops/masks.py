@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from centermask_jax.ops import boxes as box_ops
+from centermask_jax.ops import padding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -86,10 +87,8 @@ def paste_masks(mask_probs, boxes, out_hw: Tuple[int, int], threshold=0.5, image
   fg = probs >= threshold
   fg = fg & box_ops.nonempty(boxes.astype(jnp.float32))[..., None, None]
   if image_hw is not None:
-    image_hw = _expand_prefix(jnp.asarray(image_hw, jnp.int32), boxes.ndim)
-    rows = jnp.arange(out_hw[0], dtype=jnp.int32) < image_hw[..., 0, None]  # [..., H]
-    cols = jnp.arange(out_hw[1], dtype=jnp.int32) < image_hw[..., 1, None]  # [..., W]
-    fg = fg & rows[..., :, None] & cols[..., None, :]
+    fg = fg & padding.hw_mask(_expand_prefix(jnp.asarray(image_hw, jnp.int32), boxes.ndim),
+                              out_hw)
   return fg
 
 

@@ -10,6 +10,8 @@ runner (`centermask_jax.serving`) for its float32 artefact input.
 import jax.numpy as jnp
 import numpy as np
 
+from centermask_jax.ops import padding
+
 
 def pixel_lut(pixel_mean, pixel_std) -> np.ndarray:
   """float32 [3, 256]: (float32(v) - mean[c]) / std[c] for every uint8 value v."""
@@ -31,8 +33,5 @@ def normalize_images(images, image_hw, pixel_mean, pixel_std):
   lut = jnp.asarray(pixel_lut(pixel_mean, pixel_std))  # [3, 256]
   idx = jnp.asarray(images).astype(jnp.int32)
   x = jnp.stack([lut[c][idx[..., c]] for c in range(3)], axis=-1)
-  hc, wc = images.shape[1:3]
-  hw = jnp.asarray(image_hw, jnp.int32)
-  inside = ((jnp.arange(hc)[None, :, None] < hw[:, 0, None, None])
-            & (jnp.arange(wc)[None, None, :] < hw[:, 1, None, None]))
+  inside = padding.hw_mask(image_hw, images.shape[1:3])          # [N, Hc, Wc]
   return jnp.where(inside[..., None], x, 0.0)

@@ -16,10 +16,9 @@ rest, and scatter-add the weights into Ay / Ax. `count = max(gh * gw, 1)` uses t
 true (unbounded) grid sizes.
 
 Features live on a static canvas [N, Hc, Wc, C] that may be larger than the official
-map; the official map size (the kernel's H, W) is `ceil(padded_hw / stride)` per image
-(= padded_hw // stride for padded sizes that are multiples of 32). Canvas content
-outside it never influences the result (it is also masked, so even inf/NaN there is
-harmless).
+map; the official map size (the kernel's H, W) is `padding.official_map_hw` per image.
+Canvas content outside it never influences the result (it is also masked, so even
+inf/NaN there is harmless).
 
 Cost per level: two batched matmuls, dominated by N * R * S * Hc * Wc * C MACs
 (e.g. 50 RoIs on a 80x128x128 P3 canvas: 0.92 GMAC per image), with an intermediate
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from centermask_jax.ops import boxes as box_ops
+from centermask_jax.ops import padding
 from centermask_jax.ops.numerics import exact_div
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -141,7 +141,7 @@ def roi_align(features, boxes, padded_hw, stride: int, output_size: int = 14,
   boxes = jax.lax.stop_gradient(jnp.asarray(boxes, jnp.float32))
   padded_hw = jnp.asarray(padded_hw, jnp.int32)
   _, hc, wc, _ = features.shape
-  map_hw = (padded_hw + stride - 1) // stride                  # [N, 2]
+  map_hw = padding.official_map_hw(padded_hw, stride)         # [N, 2]
   scale = jnp.float32(1.0 / stride)
   common = dict(scale=scale, output_size=output_size, sampling_ratio=sampling_ratio,
                 aligned=aligned, max_grid=max_grid)
@@ -151,10 +151,7 @@ def roi_align(features, boxes, padded_hw, stride: int, output_size: int = 14,
   nonempty = (gh > 0) & (gw > 0)
   inv = jnp.where(nonempty, 1.0 / count, 0.0)[..., None, None]  # [N, R, 1, 1]
   ay = ay * inv
-  rows = jnp.arange(hc)[None, :, None] < map_hw[:, None, 0:1]
-  cols = jnp.arange(wc)[None, None, :] < map_hw[:, None, 1:2]
-  region = (rows & cols)[..., None]
-  feats = jnp.where(region, features, jnp.zeros((), features.dtype))
+  feats = padding.apply_mask(features, padding.hw_mask(map_hw, (hc, wc))[..., None])
   ay = ay.astype(feats.dtype)
   ax = ax.astype(feats.dtype)
   # Contract the longer canvas axis first: the intermediate is [N, R, S, min(Hc, Wc), C].

@@ -7,7 +7,7 @@ All functions are pure jnp with static shapes. Layouts:
   predictions the same layout). The official loss order (level -> image -> location)
   is only a permutation of this; every FCOS loss term is a sum, so it does not matter.
 * `level_hw` are the *canvas* sizes of the feature maps. Locations outside the official
-  region `ceil(padded_hw / stride)` get `loc_valid = False` and background labels; the
+  region (`ops.padding.region_flat`) get `loc_valid = False` and background labels; the
   losses ignore them, so a larger canvas gives the official numbers.
 * RoIs: R = P + G per image (proposals, then every GT slot appended), with validity and
   foreground masks; `select_fg` gathers a fixed number of foreground RoIs to the front.
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from centermask_jax.ops import boxes as box_ops
+from centermask_jax.ops import padding
 from centermask_jax.ops.roi_align import assign_levels
 
 INF = 100000000.0  # the official "no candidate" area sentinel
@@ -28,19 +29,17 @@ def _static_locations(level_hw: Sequence[Tuple[int, int]], strides: Sequence[int
                       sizes_of_interest: Sequence[float]):
   """Static per-location tables over all levels (numpy, concatenated level-first).
 
-  -> xs, ys, row, col, stride, size_lo, size_hi, each [T].
+  -> xs, ys, stride, size_lo, size_hi, each [T].
   """
   if len(level_hw) != len(strides) or len(sizes_of_interest) != len(strides) - 1:
     raise ValueError("need one (H, W) and stride per level and len(strides) - 1 sizes")
   bounds = [-1.0] + [float(s) for s in sizes_of_interest] + [INF]
-  cols = {k: [] for k in ("xs", "ys", "row", "col", "stride", "lo", "hi")}
+  cols = {k: [] for k in ("xs", "ys", "stride", "lo", "hi")}
   for lvl, ((h, w), s) in enumerate(zip(level_hw, strides)):
     r, c = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
     r, c = r.reshape(-1), c.reshape(-1)
     cols["xs"].append((c * s + s // 2).astype(np.float32))
     cols["ys"].append((r * s + s // 2).astype(np.float32))
-    cols["row"].append(r.astype(np.int32))
-    cols["col"].append(c.astype(np.int32))
     cols["stride"].append(np.full(r.shape, s, np.int32))
     cols["lo"].append(np.full(r.shape, bounds[lvl], np.float32))
     cols["hi"].append(np.full(r.shape, bounds[lvl + 1], np.float32))
@@ -93,9 +92,8 @@ def fcos_targets(gt_boxes, gt_classes, gt_valid, level_hw: Sequence[Tuple[int, i
   lo, hi = jnp.asarray(tab["lo"]), jnp.asarray(tab["hi"])
   stride_i = jnp.asarray(tab["stride"])
   stride_f = stride_i.astype(jnp.float32)
-  rows, cols = jnp.asarray(tab["row"]), jnp.asarray(tab["col"])
 
-  def per_image(boxes, classes, valid, phw):
+  def per_image(boxes, classes, valid, loc_valid):
     boxes = boxes.astype(jnp.float32)
     x0, y0, x1, y1 = (boxes[None, :, k] for k in range(4))  # [1, G]
     x, y = xs[:, None], ys[:, None]  # [T, 1]
@@ -116,15 +114,13 @@ def fcos_targets(gt_boxes, gt_classes, gt_valid, level_hw: Sequence[Tuple[int, i
     loc_area = jnp.where(cand, box_ops.area(boxes)[None, :], INF)
     best = jnp.argmin(loc_area, axis=1)  # first index on ties
     min_area = jnp.take_along_axis(loc_area, best[:, None], axis=1)[:, 0]
-    region = (phw[:, None] + stride_i[None, :] - 1) // stride_i[None, :]  # ceil, [2, T]
-    loc_valid = (rows < region[0]) & (cols < region[1])
     labels = jnp.where((min_area == INF) | ~loc_valid, num_classes,
                        classes.astype(jnp.int32)[best])
     reg_t = jnp.take_along_axis(reg, best[:, None, None], axis=1)[:, 0] / stride_f[:, None]
     return labels.astype(jnp.int32), reg_t, loc_valid
 
   labels, reg_t, loc_valid = jax.vmap(per_image)(
-      gt_boxes, gt_classes, gt_valid, jnp.asarray(padded_hw, jnp.int32))
+      gt_boxes, gt_classes, gt_valid, padding.region_flat(padded_hw, level_hw, strides))
   return {"labels": labels, "reg_targets": reg_t, "loc_valid": loc_valid}
 
 
