@@ -91,6 +91,9 @@ def main(argv=None):
     return 2
   from PIL import Image
 
+  from centermask_jax import compilation_cache
+  compilation_cache.enable(cfg.get("compilation_cache_dir") or None)
+
   from centermask_jax.checkpoints.io import load_model_variables
   from centermask_jax.models.centermask import CenterMask
   from centermask_jax.predictor import Predictor

@@ -37,6 +37,9 @@ def main(argv=None):
     return 2
   import jax
 
+  from centermask_jax import compilation_cache
+  compilation_cache.enable(cfg.get("compilation_cache_dir") or None)
+
   from centermask_jax.checkpoints.io import load_model_variables
   from centermask_jax.evaluation.evaluator import run_evaluation
   from centermask_jax.models.centermask import CenterMask

@@ -32,6 +32,8 @@ def main(argv):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  from centermask_jax import compilation_cache
+  compilation_cache.enable(FLAGS.config.get("compilation_cache_dir") or None)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   from centermask_jax.training import trainer

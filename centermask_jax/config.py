@@ -15,6 +15,9 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = ""
   c.weights = ""  # optional checkpoint to initialise from (official .pth/.pkl or ours)
+  # persistent XLA compilation cache ("" = $CENTERMASK_JAX_CACHE_DIR or
+  # ~/.cache/centermask_jax/xla, "none" = off); see centermask_jax/compilation_cache.py
+  c.compilation_cache_dir = ""
 
   m = c.model = ml_collections.ConfigDict()
   m.num_classes = 80

@@ -6,6 +6,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Persistent compilation cache (CI reruns skip most compiles; a cold cache only compiles):
+# CENTERMASK_JAX_CACHE_DIR or ~/.cache/centermask_jax/xla_tests, "none" turns it off.
+_CACHE = os.environ.get("CENTERMASK_JAX_CACHE_DIR") or os.path.expanduser(
+    os.path.join("~", ".cache", "centermask_jax", "xla_tests"))
+if _CACHE.lower() not in ("none", "off"):
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 
 import pytest  # noqa: E402
 

@@ -1,0 +1,38 @@
+"""JAX's persistent compilation cache for train / eval / demo and the tests.
+
+Compiled XLA executables are written to a directory and reused by later processes with the
+same program, shapes, devices and versions, so extra canvas buckets, reruns and CI reruns
+skip most of the compile time. Directory: `config.compilation_cache_dir`, else jax's own
+JAX_COMPILATION_CACHE_DIR when set, else CENTERMASK_JAX_CACHE_DIR, else
+~/.cache/centermask_jax/xla; "none" turns it off. Correctness never depends on it (a cold or absent cache only compiles).
+"""
+import os
+from typing import Optional
+
+ENV = "CENTERMASK_JAX_CACHE_DIR"
+DEFAULT = os.path.join("~", ".cache", "centermask_jax", "xla")
+OFF = ("none", "off")
+
+
+def cache_dir(path: Optional[str] = None) -> Optional[str]:
+  """The directory to use (absolute), or None when the cache is off."""
+  path = path or os.environ.get(ENV) or DEFAULT
+  if path.strip().lower() in OFF:
+    return None
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def enable(path: Optional[str] = None, min_compile_time_s: float = 1.0) -> Optional[str]:
+  """Points jax at the cache directory (call before the first compilation) -> the
+  directory, or None when off. Only programs compiling longer than `min_compile_time_s`
+  are written."""
+  import jax
+  if not path and jax.config.jax_compilation_cache_dir:
+    return jax.config.jax_compilation_cache_dir  # already chosen (JAX_COMPILATION_CACHE_DIR)
+  d = cache_dir(path)
+  if d is None:
+    return None
+  os.makedirs(d, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", d)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
+  return d

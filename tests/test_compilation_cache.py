@@ -1,0 +1,48 @@
+"""Persistent compilation cache: a second process reuses the first one's executable."""
+import os
+import pathlib
+import subprocess
+import sys
+
+from centermask_jax import compilation_cache
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+_CHILD = """
+import sys
+import jax, jax.numpy as jnp
+from centermask_jax import compilation_cache
+hits = []
+jax.monitoring.register_event_listener(
+    lambda e, **kw: hits.append(e) if e == '/jax/compilation_cache/cache_hits' else None)
+d = compilation_cache.enable(sys.argv[1], min_compile_time_s=0.0)
+f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T + 1.0)
+y = f(jnp.ones((64, 64)))
+print(d, len(hits), float(y[0, 0]))
+"""
+
+
+def _run(arg):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  r = subprocess.run([sys.executable, "-c", _CHILD, arg], env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return r.stdout.split()
+
+
+def test_second_process_hits_the_cache(tmp_path):
+  d = str(tmp_path / "xla")
+  first = _run(d)
+  assert first[0] == d and first[1] == "0" and os.listdir(d)
+  second = _run(d)
+  assert int(second[1]) >= 1 and second[2] == first[2]  # cached executables, same result
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+  monkeypatch.delenv(compilation_cache.ENV, raising=False)
+  assert compilation_cache.cache_dir() == os.path.expanduser("~/.cache/centermask_jax/xla")
+  monkeypatch.setenv(compilation_cache.ENV, str(tmp_path))
+  assert compilation_cache.cache_dir() == str(tmp_path)
+  assert compilation_cache.cache_dir("none") is None
+  assert compilation_cache.cache_dir("~/x") == os.path.expanduser("~/x")
