@@ -10,7 +10,6 @@ compile serves every image of that group), official padding = ceil(resized / 32)
 from typing import Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from centermask_jax.data import transforms
@@ -63,8 +62,7 @@ class Predictor:
     mask_scores; K = valid detections, score-descending."""
     h0, w0 = image_rgb.shape[:2]
     x, hw, padded = preprocess(image_rgb, self.config)
-    out = self._predict(self.variables, jnp.asarray(x)[None], jnp.asarray(hw)[None],
-                        jnp.asarray(padded)[None])
+    out = jax.device_get(self._predict(self.variables, x[None], hw[None], padded[None]))
     res = image_instances(out["boxes"][0], out["scores"][0], out["classes"][0],
                           out["mask_probs"][0], out["mask_scores"][0], out["valid"][0],
                           hw, (h0, w0), self.config.model.mask_head.mask_threshold)
@@ -82,12 +80,15 @@ def image_instances(boxes, scores, classes, mask_probs, mask_scores, valid, imag
   (indices into K); detector_postprocess + aligned paste (spec §c.6, §d.7).
   """
   h0, w0 = int(orig_hw[0]), int(orig_hw[1])
+  # Fixed shapes whatever the image size and detection count (compiled once per K): the
+  # box scaling on all K rows, the paste in fixed tiles (`paste_masks_tiled`).
   b, ok = postprocess.detector_postprocess(
-      jnp.asarray(boxes)[None], jnp.asarray(valid, bool)[None], jnp.asarray(image_hw)[None],
-      jnp.asarray([[h0, w0]]))
+      np.asarray(boxes, np.float32)[None], np.asarray(valid, bool)[None],
+      np.asarray(image_hw, np.int32)[None], np.asarray([[h0, w0]], np.int32))
   keep = np.nonzero(np.asarray(ok[0]))[0]
-  b = np.asarray(b[0])[keep]
-  masks = mask_ops.paste_masks(jnp.asarray(mask_probs)[keep], jnp.asarray(b), (h0, w0),
-                               mask_threshold)
-  return {"boxes": b, "scores": np.asarray(scores)[keep], "classes": np.asarray(classes)[keep],
-          "masks": np.asarray(masks), "mask_scores": np.asarray(mask_scores)[keep], "src": keep}
+  b = np.asarray(b[0])
+  masks = mask_ops.paste_masks_tiled(np.asarray(mask_probs, np.float32), b, (h0, w0),
+                                     mask_threshold, rows=keep)
+  return {"boxes": b[keep], "scores": np.asarray(scores)[keep],
+          "classes": np.asarray(classes)[keep], "masks": masks,
+          "mask_scores": np.asarray(mask_scores)[keep], "src": keep}

@@ -13,6 +13,7 @@ _CACHE = os.environ.get("CENTERMASK_JAX_CACHE_DIR") or os.path.expanduser(
 if _CACHE.lower() not in ("none", "off"):
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -38,3 +39,28 @@ def lite_fixture():
 @pytest.fixture(scope="session")
 def tiny_coco():
   return require(TINY_COCO)
+
+
+class Compiles:
+  """XLA compilations of this process by function name, from jax's own monitoring event
+  (recorded for every backend compile request, persistent-cache hit or not)."""
+  EVENT = "/jax/core/compile/backend_compile_duration"
+  names: list = []
+
+  @classmethod
+  def _listener(cls, event, duration, **kw):
+    if event == cls.EVENT:
+      cls.names.append(str(kw.get("fun_name", "")))
+
+  @classmethod
+  def since(cls, mark: int) -> list:
+    return cls.names[mark:]
+
+
+jax.monitoring.register_event_duration_secs_listener(Compiles._listener)
+
+
+@pytest.fixture
+def compiles():
+  """-> Compiles (use `mark = len(compiles.names)`, then `compiles.since(mark)`)."""
+  return Compiles

@@ -170,3 +170,32 @@ def test_rle_matches_single_mask_encoding(seed):
   for k in range(3):
     single = mask_util.encode(np.array(masks[k][:, :, None], order="F", dtype=np.uint8))[0]
     assert rles[k]["counts"] == single["counts"].decode("utf-8")
+
+
+def test_tiled_paste_equals_paste_and_compiles_once_per_k(compiles):
+  """paste_masks_tiled == paste_masks pixel for pixel (boxes across tile borders, partly
+  outside the image, tiny, empty; thresholds 0.5 and 0.3) for several image sizes, with a
+  single compilation of the tile function for all of them."""
+  r = np.random.RandomState(7)
+  k, m = 6, 28
+  probs = r.rand(k, m, m).astype(np.float32)
+  mark = None
+  for h, w in ((300, 420), (512, 700), (97, 515), (600, 257)):
+    x0 = r.uniform(-40, w, k)
+    y0 = r.uniform(-40, h, k)
+    boxes = np.stack([x0, y0, x0 + r.uniform(0.5, 300, k), y0 + r.uniform(0.5, 300, k)],
+                     1).astype(np.float32)
+    boxes[1] = [250.3, 240.7, 270.1, 262.9]  # across the 256-px tile corner
+    boxes[2] = [5.0, 5.0, 5.0, 20.0]  # empty
+    for thr in (0.5, 0.3):
+      ref = np.asarray(mask_ops.paste_masks(probs, boxes, (h, w), thr))
+      if mark is None:
+        mark = len(compiles.names)
+      got = mask_ops.paste_masks_tiled(probs, boxes, (h, w), thr)
+      np.testing.assert_array_equal(got, ref)
+      rows = np.array([4, 1, 3])
+      np.testing.assert_array_equal(mask_ops.paste_masks_tiled(probs, boxes, (h, w), thr,
+                                                               rows=rows), ref[rows])
+    assert ref[:, :, :].any()
+  tiles = [n for n in compiles.since(mark) if "paste_tile" in n]
+  assert len(tiles) == 1, compiles.since(mark)

@@ -99,3 +99,40 @@ def test_predictor_rejects_bad_image():
   cfg = load_config(CONFIG)
   with pytest.raises(ValueError, match="RGB uint8"):
     preprocess(np.zeros((10, 10), np.uint8), cfg)
+
+
+def test_predictor_compiles_once_per_canvas_bucket(compiles):
+  """5 landscape images of different sizes (and detection counts): everything compiles
+  during the first call (model on the group canvas, box scaling, tiled paste), nothing
+  after; masks come back at each original size."""
+  import jax
+  from centermask_jax.config import base_config, lite, vovnet
+  c = base_config()
+  lite(c)
+  vovnet(c, "V-19-slim-dw-eSE")
+  c.model.num_classes = 3
+  c.model.fpn_channels = 32
+  c.model.mask_head.conv_dim = 32
+  c.model.maskiou_head.conv_dim = 32
+  c.model.fcos.inference_th = 0.0  # random weights: keep detections so that masks paste
+  c.model.fcos.pre_nms_topk = 64
+  c.model.fcos.post_nms_topk_test = 8
+  c.input.min_size_test = 64
+  c.input.max_size_test = 128
+  model = CenterMask(c)
+  pred = Predictor(c, model.init(jax.random.PRNGKey(0), (128, 128)), model)
+  r = np.random.RandomState(0)
+  sizes = [(60, 90), (100, 130), (45, 80), (200, 301), (33, 64)]
+  mark = None
+  counts = set()
+  for i, (h, w) in enumerate(sizes):
+    img = r.randint(0, 256, (h, w, 3)).astype(np.uint8)
+    out = pred(img)
+    assert out["masks"].shape == (len(out["scores"]), h, w)
+    counts.add(len(out["scores"]))
+    if i == 0:
+      first = compiles.since(0)
+      mark = len(compiles.names)
+  assert sum("predict" in n for n in first) == 1, first
+  assert compiles.since(mark) == [], compiles.since(mark)
+  assert max(counts) > 0

@@ -27,16 +27,17 @@ from centermask_jax.ops import padding
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _interp_weights(lo, hi, n_out: int, m: int):
+def _interp_weights(lo, hi, n_out: int, m: int, start=0):
   """Box extent lo, hi [...] on one axis -> [..., n_out, m] bilinear tap weights.
 
-  Row p of the result holds the weights of mask cells 0..m-1 for output pixel p
-  (centre p + 0.5). Empty extents (hi <= lo) give finite garbage; callers mask them.
+  Row p of the result holds the weights of mask cells 0..m-1 for output pixel start + p
+  (centre start + p + 0.5; `start` an int scalar, may be traced). Empty extents (hi <= lo)
+  give finite garbage; callers mask them.
   """
   lo = lo[..., None]
   extent = hi[..., None] - lo
   extent = jnp.where(extent > 0, extent, jnp.ones_like(extent))
-  p = jnp.arange(n_out, dtype=jnp.float32) + 0.5
+  p = (jnp.arange(n_out, dtype=jnp.int32) + start).astype(jnp.float32) + 0.5
   num = p - lo
   # The barriers keep XLA from rewriting the division into a reciprocal multiply and from
   # folding "* 2 - 1" with "+ 1": both change rounding versus PyTorch's grid computation.
@@ -50,17 +51,18 @@ def _interp_weights(lo, hi, n_out: int, m: int):
   return jnp.where(cell == s0, 1.0 - frac, jnp.where(cell == s0 + 1.0, frac, 0.0))
 
 
-def paste_mask_probs(mask_probs, boxes, out_hw: Tuple[int, int]):
+def paste_mask_probs(mask_probs, boxes, out_hw: Tuple[int, int], origin=(0, 0)):
   """Soft paste: mask_probs [..., M, M], boxes [..., 4] (output pixels) -> [..., H, W] float32.
 
-  Bilinear grid_sample values before thresholding (no emptiness masking).
+  Bilinear grid_sample values before thresholding (no emptiness masking). `origin`
+  (y, x) int: the output window starts at that pixel of the image (tiles; same values).
   """
   h, w = out_hw
   m_h, m_w = mask_probs.shape[-2:]
   mask_probs = mask_probs.astype(jnp.float32)
   boxes = boxes.astype(jnp.float32)
-  wy = _interp_weights(boxes[..., 1], boxes[..., 3], h, m_h)  # [..., H, M]
-  wx = _interp_weights(boxes[..., 0], boxes[..., 2], w, m_w)  # [..., W, M]
+  wy = _interp_weights(boxes[..., 1], boxes[..., 3], h, m_h, origin[0])  # [..., H, M]
+  wx = _interp_weights(boxes[..., 0], boxes[..., 2], w, m_w, origin[1])  # [..., W, M]
   cols = jnp.einsum("...ij,...xj->...ix", mask_probs, wx, precision=_HIGHEST)  # [..., M, W]
   return jnp.einsum("...yi,...ix->...yx", wy, cols, precision=_HIGHEST)
 
@@ -101,6 +103,57 @@ def paste_masks_on_canvas(mask_probs, boxes, image_hw, canvas_hw: Tuple[int, int
   """
   return paste_masks(mask_probs, boxes, tuple(int(v) for v in canvas_hw), threshold,
                      image_hw=image_hw)
+
+
+PASTE_TILE = (256, 256)
+
+
+@functools.partial(jax.jit, static_argnames=("tile_hw",))
+def _paste_tile(mask_probs, boxes, origin, threshold, tile_hw):
+  """[K, M, M], [K, 4], origin int32 [2] -> bool [K, th, tw]: the pixels
+  origin + [0, th) x [0, tw) of `paste_masks` (same arithmetic per pixel)."""
+  fg = paste_mask_probs(mask_probs, boxes, tile_hw, (origin[0], origin[1])) >= threshold
+  return fg & box_ops.nonempty(boxes.astype(jnp.float32))[..., None, None]
+
+
+def paste_masks_tiled(mask_probs, boxes, out_hw: Tuple[int, int], threshold=0.5,
+                      rows=None, tile_hw: Tuple[int, int] = PASTE_TILE) -> np.ndarray:
+  """`paste_masks` for any output size without compiling per size: mask_probs [K, M, M],
+  boxes [K, 4] (output pixels), out_hw (H, W) -> NumPy bool [R, H, W] for the row indices
+  `rows` (default all K; the device still works on all K rows, so that K alone fixes the
+  compiled shapes).
+
+  The image is covered by fixed tiles (one compilation per K and tile size, whatever H, W);
+  only tiles near some non-empty box are computed. Elsewhere every sampled value is exactly
+  0 (a pixel more than one mask cell outside its box gets no bilinear tap), so for any
+  threshold > 0 the result equals `paste_masks` pixel for pixel.
+  """
+  if not threshold > 0:
+    raise ValueError(f"paste threshold must be > 0, got {threshold}")
+  h, w = int(out_hw[0]), int(out_hw[1])
+  probs = np.asarray(mask_probs, np.float32)
+  bx = np.asarray(boxes, np.float32).reshape(-1, 4)
+  rows = np.arange(bx.shape[0]) if rows is None else np.asarray(rows, np.int64).reshape(-1)
+  out = np.zeros((len(rows), h, w), bool)
+  b = bx[rows].astype(np.float64)
+  b = b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
+  if not len(b):
+    return out
+  th, tw = tile_hw
+  my = np.ceil((b[:, 3] - b[:, 1]) / probs.shape[-2]) + 2  # > one mask cell, in pixels
+  mx = np.ceil((b[:, 2] - b[:, 0]) / probs.shape[-1]) + 2
+  y0, y1 = np.floor(b[:, 1] - my), np.ceil(b[:, 3] + my)
+  x0, x1 = np.floor(b[:, 0] - mx), np.ceil(b[:, 2] + mx)
+  probs_d, boxes_d = jnp.asarray(probs), jnp.asarray(bx)
+  thr = jnp.float32(threshold)
+  for ty in range(0, h, th):
+    near_y = (y1 > ty) & (y0 < ty + th)
+    for tx in range(0, w, tw):
+      if not (near_y & (x1 > tx) & (x0 < tx + tw)).any():
+        continue
+      tile = _paste_tile(probs_d, boxes_d, np.asarray([ty, tx], np.int32), thr, tile_hw)
+      out[:, ty:ty + th, tx:tx + tw] = np.asarray(tile)[rows, :h - ty, :w - tx]
+  return out
 
 
 def encode_masks(masks, hw: Optional[Sequence[int]] = None):
