@@ -66,6 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
   # (multiples of 128 holding every resized image). Smaller canvases = faster small-image runs.
   i.canvas_train = ()
   i.canvas_test = ()
+  # 0: every batch on its group's canvas above; b > 0 (multiple of 32): each batch on its
+  # largest padded image rounded up to a multiple of b (as detectron2 pads batches; one
+  # compile per distinct canvas, kept by the persistent compilation cache).
+  i.canvas_bucket = 0
 
   d = c.data = ml_collections.ConfigDict()
   d.name = "coco2017"

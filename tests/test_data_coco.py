@@ -242,6 +242,40 @@ def test_train_static_shapes_flip_and_determinism(built):
   assert any((next(it3)["image_id"] != b["image_id"]).any() for b in batches[:2])
 
 
+def test_canvas_buckets_pad_each_batch_like_detectron2(built):
+  """input.canvas_bucket=32: each global batch sits on its largest official padded size
+  (a multiple of 32, as detectron2 pads batches), the same on every process; everything
+  else equals the fixed-canvas batches, and the pixels agree inside the smaller canvas."""
+  data_dir, _ = built
+  c = _config(sizes=(480, 520, 600), flip=True)
+  cb = _config(sizes=(480, 520, 600), flip=True)
+  cb.input.canvas_bucket = 32
+  mk = lambda cfg, p: pipeline.make_train_iterator(cfg, data_dir, "tiny", seed=5,
+                                                    num_local_devices=2, per_device_batch=1,
+                                                    process_index=p, process_count=2)
+  fixed, b0, b1 = mk(c, 0), mk(cb, 0), mk(cb, 1)
+  shapes = set()
+  for _ in range(5):
+    f, x, y = next(fixed), next(b0), next(b1)
+    hc, wc = x["image"].shape[2:4]
+    assert y["image"].shape == x["image"].shape  # one canvas per global batch
+    padded = np.concatenate([x["padded_hw"].reshape(-1, 2), y["padded_hw"].reshape(-1, 2)])
+    assert (hc, wc) == tuple(padded.max(0))
+    shapes.add((hc, wc))
+    for k in f:
+      if k != "image":
+        np.testing.assert_array_equal(x[k], f[k])
+    np.testing.assert_array_equal(x["image"], f["image"][:, :, :hc, :wc])
+    assert not f["image"][:, :, hc:].any() and not f["image"][:, :, :, wc:].any()
+  assert len(shapes) > 1
+  ev = pipeline.make_eval_iterator(cb, data_dir, "tiny", 2, 1, process_index=0,
+                                   process_count=1)
+  for b in ev:
+    real = b["is_real"].reshape(-1)
+    pad = b["padded_hw"].reshape(-1, 2)[real]
+    assert b["image"].shape[2:4] == tuple(pad.max(0))
+
+
 def test_flip_mirrors_image_boxes_masks(built, tiny_coco):
   data_dir, _ = built
   import tensorflow_datasets as tfds

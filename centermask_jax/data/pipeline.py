@@ -106,8 +106,12 @@ def _input_params(config, train: bool) -> dict:
     raise ValueError(f"input.canvas_{'train' if train else 'test'}={tuple(canvas)} cannot hold "
                      f"every resized image (short side <= {short}, long side <= {long_}): "
                      f"need landscape >= ({short}, {long_}) and portrait >= ({long_}, {short})")
+  bucket = int(_get(inp, "canvas_bucket", 0) or 0)
+  if bucket < 0 or bucket % div:
+    raise ValueError(f"input.canvas_bucket={bucket}: expected 0 (fixed group canvas) or a "
+                     f"multiple of {div}")
   return dict(
-      sizes=sizes, max_size=max_size, canvases=(land, port), divisibility=div, format=fmt,
+      bucket=bucket, sizes=sizes, max_size=max_size, canvases=(land, port), divisibility=div, format=fmt,
 
       flip=bool(_get(inp, "random_flip", True)) and train,
       m=int(_get(data, "max_instances", 100)), p=int(_get(data, "max_polygon_parts", 16)),
@@ -115,11 +119,12 @@ def _input_params(config, train: bool) -> dict:
 
 
 def _host_example(data, h0, w0, bbox, label, is_crowd, num_parts, poly_len, poly_xy, short,
-                  flip, prm):
-  """numpy_function body: one stored example -> resized image + contract GT arrays."""
+                  flip, canvas, prm):
+  """numpy_function body: one stored example -> resized image (on `canvas`, the batch's
+  (Hc, Wc)) + contract GT arrays."""
   img, orig_hw, hw = transforms.resized_image_and_hw(
       bytes(data), int(short), prm["max_size"], prm["format"])
-  canvas = prm["canvases"][0 if orig_hw[1] > orig_hw[0] else 1]  # group as the batching
+  canvas = (int(canvas[0]), int(canvas[1]))
   if hw[0] > canvas[0] or hw[1] > canvas[1]:
     raise ValueError(f"resized image {hw} does not fit canvas {canvas}")
   if flip:
@@ -136,26 +141,57 @@ def _host_example(data, h0, w0, bbox, label, is_crowd, num_parts, poly_len, poly
           gt["gt_classes"], gt["gt_valid"], gt["gt_polys"], gt["gt_poly_len"], counts)
 
 
-def _example_fn(features, prm, train, seed):
-  """(serialized, is_real, global index) -> contract example dict (+ '_counts')."""
+def _short_and_flip(prm, train, seed, index):
+  """Train: short side and flip drawn from (seed, global example index); eval: fixed."""
   sizes = tf.constant(prm["sizes"], tf.int32)
+  if not train:
+    return sizes[0], tf.constant(False)
+  u = tf.random.stateless_uniform([2], seed=tf.stack([tf.cast(seed, tf.int64), index]))
+  short = tf.gather(sizes, tf.minimum(tf.cast(u[0] * len(prm["sizes"]), tf.int32),
+                                      len(prm["sizes"]) - 1))
+  return short, tf.logical_and(u[1] < 0.5, prm["flip"])
+
+
+def _batch_canvas(prm, train, seed, idx, h0, w0, group):
+  """The canvas of one global batch: its aspect-ratio group's static canvas, or with
+  input.canvas_bucket = b > 0 the batch's largest official padded size rounded up to a
+  multiple of b (detectron2 pads each batch to its largest image), capped by the group
+  canvas. Resized sizes come from the stored (H0, W0) and each example's short side with
+  `transforms.get_output_shape`'s float64 arithmetic, so every process agrees."""
+  land, port = (tf.constant(c, tf.int32) for c in prm["canvases"])
+  full = tf.where(tf.equal(group, 0), land, port)
+  b = prm["bucket"]
+  if not b:
+    return full
+  short = tf.map_fn(lambda i: _short_and_flip(prm, train, seed, i)[0], idx,
+                    fn_output_signature=tf.int32)
+  h, w = tf.cast(h0, tf.float64), tf.cast(w0, tf.float64)
+  scale = tf.cast(short, tf.float64) / tf.minimum(h, w)
+  nh, nw = h * scale, w * scale
+  big = tf.maximum(nh, nw)
+  s = tf.where(big > prm["max_size"], prm["max_size"] * 1.0 / big, tf.ones_like(big))
+  nh, nw = tf.where(big > prm["max_size"], nh * s, nh), tf.where(big > prm["max_size"], nw * s, nw)
+  hw = tf.stack([tf.floor(nh + 0.5), tf.floor(nw + 0.5)], 1)
+  div = float(prm["divisibility"])
+  padded = tf.reduce_max(tf.math.ceil(hw / div) * div, axis=0)
+  canvas = tf.cast(tf.math.ceil(padded / b) * b, tf.int32)
+  return tf.minimum(canvas, full)
+
+
+def _example_fn(features, prm, train, seed):
+  """(serialized, is_real, global index, batch canvas [2]) -> contract example dict
+  (+ '_counts')."""
   m, p, v = prm["m"], prm["p"], prm["v"]
 
-  def fn(serialized, is_real, index):
+  def fn(serialized, is_real, index, canvas):
     ex = features.deserialize_example(serialized)
-    if train:
-      u = tf.random.stateless_uniform([2], seed=tf.stack([tf.cast(seed, tf.int64), index]))
-      short = tf.gather(sizes, tf.minimum(tf.cast(u[0] * len(prm["sizes"]), tf.int32),
-                                          len(prm["sizes"]) - 1))
-      flip = tf.logical_and(u[1] < 0.5, prm["flip"])
-    else:
-      short, flip = sizes[0], tf.constant(False)
+    short, flip = _short_and_flip(prm, train, seed, index)
     obj = ex["objects"]
     outs = tf.numpy_function(
         lambda *a: _host_example(*a, prm=prm),
         [ex["image"], ex["height"], ex["width"], tf.io.decode_raw(ex["bbox_f64"], tf.float64),
          obj["label"], obj["is_crowd"], obj["num_parts"], ex["poly_len"],
-         tf.io.decode_raw(ex["poly_xy"], tf.float64), short, flip],
+         tf.io.decode_raw(ex["poly_xy"], tf.float64), short, flip, canvas],
         [tf.uint8, tf.int32, tf.int32, tf.float32, tf.int32, tf.bool, tf.float32, tf.int32,
          tf.int32], stateful=False)
     img, hw, orig_hw, boxes, classes, valid, polys, plen, counts = outs
@@ -175,13 +211,13 @@ def _example_fn(features, prm, train, seed):
 
 
 def _group_and_usable(features):
-  """serialized -> (serialized, group id, usable for training)."""
+  """serialized -> (serialized, group id, usable for training, H0, W0)."""
   def fn(serialized):
     ex = features.deserialize_example(serialized)
     group = tf.where(ex["width"] > ex["height"], 0, 1)  # detectron2: w > h -> group 0
     obj = ex["objects"]
     usable = tf.reduce_any(tf.logical_and(tf.logical_not(obj["is_crowd"]), obj["num_parts"] > 0))
-    return serialized, tf.cast(group, tf.int64), usable
+    return serialized, tf.cast(group, tf.int64), usable, ex["height"], ex["width"]
   return fn
 
 
@@ -193,15 +229,19 @@ def _options():
 
 
 def _finish(ds, features, prm, train, seed, d, b, process_index, process_count, step0=0):
-  """Global batches of (serialized [PDB], is_real [PDB]) -> local contract batches."""
+  """Global batches of (serialized, is_real, H0, W0 [PDB], group) -> local contract
+  batches."""
   db = d * b
   ds = ds.enumerate()
 
   def local(step, batch):
-    ser, real = batch
+    ser, real, h0, w0, group = batch
+    first = (step + step0) * (db * process_count)
+    canvas = _batch_canvas(prm, train, seed, first + tf.range(db * process_count, dtype=tf.int64),
+                           h0, w0, group)
     lo = process_index * db
-    idx = (step + step0) * (db * process_count) + lo + tf.range(db, dtype=tf.int64)
-    return ser[lo:lo + db], real[lo:lo + db], idx
+    idx = first + lo + tf.range(db, dtype=tf.int64)
+    return ser[lo:lo + db], real[lo:lo + db], idx, tf.tile(canvas[None], [db, 1])
   ds = ds.map(local).unbatch()
   ds = ds.map(_example_fn(features, prm, train, seed), num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
@@ -226,12 +266,12 @@ def build_train_dataset(config, data_dir, name, seed, num_local_devices, per_dev
   # Shuffle within each epoch, then repeat (detectron2's sampler: a permutation per epoch).
   ds = ds.shuffle(buf, seed=seed + 1, reshuffle_each_iteration=True).repeat()
   ds = ds.map(_group_and_usable(features))
-  ds = ds.filter(lambda s, g, u: u)
+  ds = ds.filter(lambda s, g, u, h, w: u)
   ds = ds.group_by_window(
-      key_func=lambda s, g, u: g,
-      reduce_func=lambda k, w: w.batch(pdb, drop_remainder=True),
+      key_func=lambda s, g, u, h, w: g,
+      reduce_func=lambda k, win: win.batch(pdb, drop_remainder=True),
       window_size=pdb)
-  ds = ds.map(lambda s, g, u: (s, tf.ones_like(u)))
+  ds = ds.map(lambda s, g, u, h, w: (s, tf.ones_like(u), h, w, g[0]))
   if start_step:
     ds = ds.skip(start_step)
   ds = _finish(ds, features, prm, True, seed, num_local_devices, per_device_batch,
@@ -250,14 +290,14 @@ def build_eval_dataset(config, data_dir, name, num_local_devices, per_device_bat
   parts = []
   for group in (0, 1):
     g = tf.data.TFRecordDataset(files).map(_group_and_usable(features))
-    g = g.filter(lambda s, k, u, group=group: tf.equal(k, group))
-    g = g.map(lambda s, k, u: s).batch(pdb)
+    g = g.filter(lambda s, k, u, h, w, group=group: tf.equal(k, group))
+    g = g.map(lambda s, k, u, h, w: (s, h, w)).batch(pdb)
 
-    def fill(s):
+    def fill(s, h, w, group=group):
       n = tf.shape(s)[0]
       real = tf.range(pdb) < n
-      s = tf.concat([s, tf.repeat(s[:1], pdb - n)], 0)
-      return s, real
+      pad = lambda a: tf.concat([a, tf.repeat(a[:1], pdb - n)], 0)
+      return pad(s), real, pad(h), pad(w), tf.constant(group, tf.int64)
     parts.append(g.map(fill))
   ds = parts[0].concatenate(parts[1])
   return _finish(ds, features, prm, False, 0, num_local_devices, per_device_batch,
