@@ -6,8 +6,9 @@
 For every input image: DIR/<stem>.png (coloured masks, boxes, 'class score' labels of the
 instances with score >= --score-thresh) and DIR/<stem>.json (those instances: box xyxy in
 original pixels, score, mask_score, class, category_id, category name, mask as COCO RLE).
-Class names come from the prepared dataset (--data_dir/--dataset) when given, otherwise the
-COCO names for 80-class models, otherwise class indices.
+Class names are the checkpoint's (stored with it; COCO for an official 80-class file);
+with --dataset they are checked against that prepared dataset (a mismatch is refused)
+and fill in names a checkpoint lacks; otherwise class indices.
 """
 import argparse
 import glob
@@ -17,7 +18,7 @@ import sys
 
 import numpy as np
 
-from centermask_jax.data.categories import COCO_CATEGORIES, class_table  # noqa: F401
+from centermask_jax.data.categories import COCO_CATEGORIES  # noqa: F401 (re-export)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -77,7 +78,7 @@ def main(argv=None):
   p.add_argument("--output", required=True, help="output directory")
   p.add_argument("--score-thresh", "--score_thresh", type=float, default=0.5)
   p.add_argument("--data_dir", "--data-dir", default=None,
-                 help="with --dataset: take class names from this prepared dataset")
+                 help="with --dataset: check the checkpoint's classes against this dataset")
   p.add_argument("--dataset", default=None)
   args, extra = p.parse_known_args(argv)
 
@@ -94,13 +95,18 @@ def main(argv=None):
   from centermask_jax import compilation_cache
   compilation_cache.enable(cfg.get("compilation_cache_dir") or None)
 
+  from centermask_jax.checkpoints import classes
   from centermask_jax.checkpoints.io import load_model_variables
   from centermask_jax.models.centermask import CenterMask
   from centermask_jax.predictor import Predictor
   from centermask_jax.visualize import draw_instances
 
-  names, cat_ids = class_table(cfg.model.num_classes, args.data_dir or cfg.data.data_dir,
-                               args.dataset)
+  try:
+    names, cat_ids = classes.display_table(args.checkpoint, int(cfg.model.num_classes),
+                                           args.data_dir or cfg.data.data_dir, args.dataset)
+  except (classes.ClassMismatchError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   model = CenterMask(cfg)
   predictor = Predictor(cfg, load_model_variables(args.checkpoint, model), model)
   os.makedirs(args.output, exist_ok=True)

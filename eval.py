@@ -8,6 +8,8 @@ PATH: a model checkpoint directory (tools/import_weights), a train.py workdir (l
 checkpoint) or an official centermask2 .pth/.pkl (imported on the fly). Inference runs on
 all local devices; writes DIR/bbox_results.json, DIR/segm_results.json, DIR/metrics.json and
 prints the COCO tables. --data_dir / --dataset default to config.data.data_dir / .name.
+The checkpoint's classes (stored with it) must be the dataset's: a mismatch is refused
+with one line unless --class_map=by_name (evaluate the classes whose names match).
 """
 import argparse
 import os
@@ -27,6 +29,9 @@ def main(argv=None):
   p.add_argument("--split", default="val")
   p.add_argument("--per_device_batch", "--per-device-batch", type=int, default=1)
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--class_map", choices=("none", "by_name"), default="none",
+                 help="by_name: evaluate a model whose classes differ from the dataset's on "
+                      "the classes whose names match (default: refuse a mismatch)")
   args, extra = p.parse_known_args(argv)
 
   from centermask_jax.config import load_config
@@ -40,7 +45,9 @@ def main(argv=None):
   from centermask_jax import compilation_cache
   compilation_cache.enable(cfg.get("compilation_cache_dir") or None)
 
+  from centermask_jax.checkpoints import classes
   from centermask_jax.checkpoints.io import load_model_variables
+  from centermask_jax.data import pipeline
   from centermask_jax.evaluation.evaluator import run_evaluation
   from centermask_jax.models.centermask import CenterMask
 
@@ -49,6 +56,14 @@ def main(argv=None):
   if not os.path.exists(args.checkpoint):
     print(f"error: checkpoint {args.checkpoint} not found", file=sys.stderr)
     return 2
+  try:
+    _, mapping = classes.check_checkpoint(
+        args.checkpoint, int(cfg.model.num_classes),
+        classes.from_dataset(pipeline.dataset_info(data_dir, name)),
+        map_by_name=args.class_map == "by_name")
+  except (classes.ClassMismatchError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   model = CenterMask(cfg)
   variables = load_model_variables(args.checkpoint, model)
   if jax.process_index() == 0:
@@ -56,7 +71,8 @@ def main(argv=None):
           f"split {args.split}; {jax.local_device_count()} local device(s) "
           f"x {args.per_device_batch} image(s)", flush=True)
   run_evaluation(cfg, variables, data_dir, name, args.workdir, split=args.split,
-                 per_device_batch=args.per_device_batch, progress=not args.no_progress)
+                 per_device_batch=args.per_device_batch, progress=not args.no_progress,
+                 label_to_category_id=mapping)
   if jax.process_index() == 0:
     print(f"results in {os.path.abspath(args.workdir)}", flush=True)
   return 0

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from centermask_jax.checkpoints import classes
 from centermask_jax.config import load_config
 from centermask_jax.evaluation import evaluator as evaluator_lib
 
@@ -116,7 +117,16 @@ def test_one_device_equals_four(four_dev, data, variables, tmp_path):
 def checkpoint(variables, tmp_path_factory):
   from centermask_jax.checkpoints import io
   path = tmp_path_factory.mktemp("ckpt") / "model"
-  io.save_variables(str(path), variables, _config())
+  io.save_variables(str(path), variables, _config(), classes=classes.coco())
+  return path
+
+
+def _with_classes(checkpoint, tmp_path, info):
+  """A copy of `checkpoint` whose stored classes are `info`."""
+  import shutil
+  path = tmp_path / "relabelled"
+  shutil.copytree(checkpoint, path)
+  classes.write(str(path), info)
   return path
 
 
@@ -146,6 +156,60 @@ def test_eval_cli_rejects_unknown_config_key(checkpoint, tmp_path, capsys):
   rc = eval_cli.main(["--config", CONFIG, "--checkpoint", str(checkpoint), "--workdir",
                       str(tmp_path), "--config.model.no_such_key=1"])
   assert rc == 2 and "no_such_key" in capsys.readouterr().err
+
+
+def test_eval_and_demo_refuse_a_model_dataset_class_mismatch(data, tiny_coco, checkpoint,
+                                                             tmp_path, capsys):
+  """A 5-class model on the 80-class dataset: one `error:` line naming both, exit 2, before
+  any model is built; demo.py the same when given the dataset."""
+  import demo
+  import eval as eval_cli
+  five = classes.ClassInfo(5, ["circle", "square", "triangle", "star", "ring"],
+                           [1, 2, 3, 4, 5], "dataset synthetic")
+  path = _with_classes(checkpoint, tmp_path, five)
+  rc = eval_cli.main(["--config", CONFIG, "--checkpoint", str(path), "--workdir",
+                      str(tmp_path / "ev"), "--data_dir", str(data), "--dataset", NAME,
+                      "--config.model.num_classes=5"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1, err
+  assert err.startswith("error: checkpoint") and "predicts 5 classes (circle, square" in err
+  assert f"dataset {NAME} has 80 classes (person, bicycle" in err
+  assert not (tmp_path / "ev").exists()
+  rc = eval_cli.main(["--config", CONFIG, "--checkpoint", str(path), "--workdir",
+                      str(tmp_path / "ev"), "--data_dir", str(data), "--dataset", NAME])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and "model.num_classes = 80" in err and "num_classes=5" in err
+  rc = demo.main(["--config", CONFIG, "--checkpoint", str(path), "--input",
+                  str(tiny_coco / "val2017" / "000000037777.jpg"), "--output",
+                  str(tmp_path / "demo"), "--data_dir", str(data), "--dataset", NAME,
+                  "--config.model.num_classes=5"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1 and "predicts 5 classes" in err
+
+
+def test_eval_class_map_by_name(four_dev, data, checkpoint, tmp_path, capsys):
+  """Same weights, class names stored in reverse COCO order: refused as is; with
+  --class_map=by_name every detection of label l is reported as the COCO category named
+  reversed[l] (compared with the unmapped evaluation of the same weights)."""
+  import eval as eval_cli
+  coco = classes.coco()
+  rev = classes.ClassInfo(80, coco.names[::-1], coco.category_ids[::-1], "reversed")
+  path = _with_classes(checkpoint, tmp_path, rev)
+  args = ["--config", CONFIG, "--checkpoint", str(path), "--workdir", str(tmp_path / "ev"),
+          "--data_dir", str(data), "--dataset", NAME, "--no_progress"] + _small_flags(
+              **{"model.fcos.inference_th": 0.005})
+  assert eval_cli.main(args) == 2
+  assert "class names differ" in capsys.readouterr().err
+  assert eval_cli.main(args + ["--class_map=by_name"]) == 0
+  assert "class map by name: 80 of the model's 80 classes" in capsys.readouterr().out
+  label_of = {c: i for i, c in enumerate(coco.category_ids)}
+  key = lambda r: (r["image_id"], -r["score"], r["bbox"][0])
+  ref = sorted(_results(four_dev[0])[0], key=key)
+  got = sorted(_results(tmp_path / "ev")[0], key=key)
+  assert len(ref) == len(got) > 0
+  for a, b in zip(ref, got):
+    assert b["category_id"] == coco.category_ids[79 - label_of[a["category_id"]]]
+    assert b["score"] == pytest.approx(a["score"], rel=1e-4, abs=1e-6)
 
 
 def test_demo_writes_png_of_image_size_and_json(tiny_coco, checkpoint, tmp_path):

@@ -118,6 +118,11 @@ def test_tiny_model_overfits_four_real_images_and_evaluates(tiny_coco, tmp_path)
   dets = gt.loadRes(os.path.join(out_dir, "segm_results.json"))
   assert set(dets.getImgIds()) <= {im["id"] for im in sub["images"]}
   assert len(dets.anns) > 0
+  # The checkpoint carries the dataset's classes.
+  from centermask_jax.checkpoints import classes
+  stored = classes.read(workdir)
+  assert stored.names == [cat["name"] for cat in sorted(sub["categories"], key=lambda x: x["id"])]
+  assert stored.category_ids == sorted(cat["id"] for cat in sub["categories"])
   # TensorBoard got the evaluation scalars next to the training ones.
   events = os.listdir(os.path.join(workdir, "tb"))
   assert events

@@ -156,6 +156,9 @@ def test_resume_is_exact_and_no_recompile(setup, tmp_path):
   rest = trainer.train_and_evaluate(c, str(tmp_path / "b"), FakeIterator(4, 1), num_steps=3,
                                     async_checkpoints=False, quiet=True)
   assert full["step"] == rest["step"] == 6
+  from centermask_jax.checkpoints import classes
+  stored = classes.read(str(tmp_path / "b"))  # stored with every checkpoint
+  assert stored.num_classes == c.model.num_classes and stored.names is None
   assert np.isfinite(full["metrics"]["total_loss"])
   for a, b in zip(jax.tree_util.tree_leaves(full["state"]),
                   jax.tree_util.tree_leaves(rest["state"])):

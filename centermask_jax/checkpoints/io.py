@@ -4,6 +4,7 @@ A *model checkpoint directory* (written by `tools/import_weights` and readable b
 `eval.py`, `demo.py` and `Predictor`) holds
   variables/    orbax StandardCheckpointer tree {"params": ..., "frozen_bn": ...}
   config.json   the model config it was written with (informative)
+  classes.json  the classes the model predicts (checkpoints/classes.py)
 `load_model_variables` also accepts an official .pth/.pkl file (imported on the fly)
 and a train.py workdir (the latest checkpoint's variables).
 """
@@ -19,8 +20,9 @@ from centermask_jax.checkpoints import official
 VARIABLES = "variables"
 
 
-def save_variables(directory: str, variables, config=None):
-  """Writes `variables` (and config.json) to a new model checkpoint directory."""
+def save_variables(directory: str, variables, config=None, classes=None):
+  """Writes `variables` (and config.json, classes.json given a `classes.ClassInfo`) to a
+  new model checkpoint directory."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   target = os.path.join(directory, VARIABLES)
@@ -32,6 +34,9 @@ def save_variables(directory: str, variables, config=None):
   if config is not None:
     with open(os.path.join(directory, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+  if classes is not None:
+    from centermask_jax.checkpoints import classes as classes_lib
+    classes_lib.write(directory, classes)
 
 
 def load_variables(directory: str, template):

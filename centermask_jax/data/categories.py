@@ -1,5 +1,5 @@
-"""Class names and COCO category ids of a model's contiguous labels (no TF, no model code)."""
-import os
+"""COCO's 80 instance categories (no TF, no model code). The classes a checkpoint predicts
+are `checkpoints/classes.py`'s."""
 
 COCO_CATEGORIES = (  # (id, name) of the 80 COCO instance categories, sorted by id
     (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
@@ -19,17 +19,3 @@ COCO_CATEGORIES = (  # (id, name) of the 80 COCO instance categories, sorted by 
     (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"),
     (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"))
 
-
-def class_table(num_classes, data_dir=None, dataset=None):
-  """-> (names, category ids) indexed by contiguous label: from a prepared dataset when
-  `dataset` is given, else COCO's for 80 classes, else the label indices."""
-  if dataset:
-    from centermask_jax.data import pipeline
-    info = pipeline.dataset_info(os.path.expanduser(data_dir), dataset)
-    if info.num_classes != num_classes:
-      raise ValueError(f"dataset {dataset!r} has {info.num_classes} classes, the model "
-                       f"{num_classes}")
-    return list(info.class_names), list(info.label_to_category_id)
-  if num_classes == len(COCO_CATEGORIES):
-    return [n for _, n in COCO_CATEGORIES], [c for c, _ in COCO_CATEGORIES]
-  return [str(i) for i in range(num_classes)], list(range(num_classes))

@@ -25,7 +25,9 @@ class ResultsWriter:
   """Accumulates per-image predictions as COCO result dicts, encoding each batch at once.
 
   `contiguous_to_coco_id`: sequence (index = contiguous label) or mapping contiguous -> COCO
-  category id. Only the encoded results (xywh boxes, RLE masks) are kept in host memory.
+  category id; with a mapping, detections of labels it lacks are dropped (evaluating a
+  model's classes mapped onto a dataset's by name). Only the encoded results (xywh boxes,
+  RLE masks) are kept in host memory.
   """
 
   def __init__(self, contiguous_to_coco_id):
@@ -52,6 +54,7 @@ class ResultsWriter:
     classes = np.asarray(classes).reshape(-1).astype(np.int64)
     k = boxes.shape[0]
     keep = np.ones((k,), bool) if valid is None else np.asarray(valid, bool).reshape(-1)
+    keep = keep & np.array([int(c) in self._cat for c in classes], bool).reshape(-1)
     idx = np.nonzero(keep)[0]
     if idx.size == 0:
       return

@@ -100,7 +100,8 @@ class Evaluator:
 
   def __call__(self, variables, data_dir: str, name: str, workdir: Optional[str] = None, *,
                split: str = "val", per_device_batch: int = 1, replicated: bool = False,
-               verbose: bool = True, progress: bool = True):
+               verbose: bool = True, progress: bool = True, label_to_category_id=None,
+               title: Optional[str] = None):
     """-> {"bbox": {...}, "segm": {...}} COCO metrics in percent (see `run_evaluation`)."""
     from centermask_jax.data import pipeline
 
@@ -110,7 +111,8 @@ class Evaluator:
                        f"(has {sorted(info.gt_json)})")
     gt_json = info.gt_json[split]
     canvases = group_paste_canvases(gt_json)
-    writer = coco_eval.ResultsWriter(info.label_to_category_id)
+    writer = coco_eval.ResultsWriter(info.label_to_category_id if label_to_category_id is None
+                                     else label_to_category_id)
     rvars = variables if replicated else self.replicate(variables)
     d = len(self.devices)
     it = pipeline.make_eval_iterator(self.config, data_dir, name, d, per_device_batch,
@@ -189,6 +191,8 @@ class Evaluator:
       writer.write(workdir)
     metrics = coco_eval.evaluate(gt_json, writer, verbose=verbose)
     if verbose:
+      if title:
+        print(title, flush=True)
       print(coco_eval.format_table(metrics), flush=True)
     if workdir is not None:
       coco_eval.write_metrics(workdir, metrics)
@@ -217,7 +221,8 @@ def run_evaluation(config, variables, data_dir: Optional[str] = None,
                    name: Optional[str] = None, workdir: Optional[str] = None, *,
                    split: str = "val", per_device_batch: int = 1, devices=None,
                    replicated: bool = False, verbose: bool = True, progress: bool = True,
-                   evaluator: Optional[Evaluator] = None):
+                   evaluator: Optional[Evaluator] = None, label_to_category_id=None,
+                   title: Optional[str] = None):
   """Evaluates `variables` on every image of `split` exactly once -> COCO metrics.
 
   data_dir / name default to config.data. Writes bbox_results.json, segm_results.json and
@@ -225,10 +230,13 @@ def run_evaluation(config, variables, data_dir: Optional[str] = None,
   tables. Returns {"bbox": {AP, AP50, AP75, APs, APm, APl, AP-<class>...}, "segm": {...}}
   ({} on processes other than 0). `replicated=True`: variables already carry a leading
   device axis (e.g. a pmapped train state); pass an `evaluator` to reuse compilations.
+  label_to_category_id: {model label: dataset category id} when the model's classes are
+  mapped onto the dataset's (`checkpoints.classes.check_against_dataset`); default the
+  dataset's own. title: a line printed above the tables (e.g. the training step).
   """
   data_dir = os.path.expanduser(data_dir or config.data.data_dir)
   name = name or config.data.name
   ev = evaluator or Evaluator(config, devices=devices)
   return ev(variables, data_dir, name, workdir, split=split,
             per_device_batch=per_device_batch, replicated=replicated, verbose=verbose,
-            progress=progress)
+            progress=progress, label_to_category_id=label_to_category_id, title=title)

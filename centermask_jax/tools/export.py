@@ -165,13 +165,13 @@ def main(argv=None):
     return 2
 
   from centermask_jax.checkpoints.io import load_model_variables
-  from centermask_jax.data.categories import class_table
+  from centermask_jax.checkpoints.classes import display_table
   from centermask_jax.models.centermask import CenterMask
 
   model = CenterMask(cfg)
   variables = load_model_variables(args.checkpoint, model)
-  names, cat_ids = class_table(cfg.model.num_classes, args.data_dir or cfg.data.data_dir,
-                               args.dataset)
+  names, cat_ids = display_table(args.checkpoint, int(cfg.model.num_classes),
+                                 args.data_dir or cfg.data.data_dir, args.dataset)
   os.makedirs(args.out, exist_ok=True)
   for canvas in canvases:
     stem = os.path.join(args.out, f"{cfg.name or 'model'}_{canvas[0]}x{canvas[1]}_b{args.batch}")

@@ -3,7 +3,8 @@
   python -m centermask_jax.tools.import_weights --config configs/NAME.py --weights FILE --out DIR
 
 Strict: every missing / unexpected key and shape mismatch is reported by name.
-The output directory is what eval.py --checkpoint, demo.py and Predictor load.
+The output directory is what eval.py --checkpoint, demo.py and Predictor load; it stores
+the classes (COCO for centermask2's 80-class checkpoints, otherwise the count only).
 """
 import argparse
 import sys
@@ -11,7 +12,7 @@ import sys
 import jax
 import numpy as np
 
-from centermask_jax.checkpoints import io, official
+from centermask_jax.checkpoints import classes, io, official
 from centermask_jax.config import load_config
 from centermask_jax.models.centermask import CenterMask, count_values
 
@@ -31,9 +32,11 @@ def main(argv=None) -> int:
   except (official.CheckpointMismatchError, official.CheckpointFormatError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  io.save_variables(args.out, variables, cfg)
+  info = classes.for_official(int(cfg.model.num_classes))
+  io.save_variables(args.out, variables, cfg, classes=info)
   print(f"imported {len(official.expected_keys(variables))} tensors "
-        f"({count_values(variables):,} values) from {args.weights} -> {args.out}")
+        f"({count_values(variables):,} values) from {args.weights} -> {args.out}; classes: "
+        f"{classes.describe(info)} [{info.source}]")
   return 0
 
 

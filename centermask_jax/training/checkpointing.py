@@ -1,9 +1,10 @@
 """Training checkpoints of a train.py workdir (orbax CheckpointManager).
 
-Layout: WORKDIR/checkpoints/<step>/{state, data, config}
+Layout: WORKDIR/checkpoints/<step>/{state, data, config, meta}
   state   StandardSave: {"step", "params", "frozen_bn", "opt_state"} (host numpy, unreplicated)
   data    JsonSave: the train iterator position ({"step": n})
   config  JsonSave: the run's config (informative)
+  meta    JsonSave: {"classes": checkpoints.classes.ClassInfo json} (absent in old runs)
 Saves are asynchronous; the manager keeps the last `keep` checkpoints.
 """
 import json
@@ -15,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINTS = "checkpoints"
+ITEMS = ("state", "data", "config", "meta")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -28,7 +30,7 @@ def make_manager(workdir: str, keep: int = 3, save_every: Optional[int] = None,
       max_to_keep=int(keep) if keep else None, create=True,
       enable_async_checkpointing=async_save)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
-                               item_names=("state", "data", "config"))
+                               item_names=ITEMS)
 
 
 def _host(tree):
@@ -36,14 +38,14 @@ def _host(tree):
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, config,
-         force: bool = True) -> bool:
-  """Queues an async save of unreplicated `state` at `step`."""
+         force: bool = True, meta: Optional[dict] = None) -> bool:
+  """Queues an async save of unreplicated `state` at `step` (+ `meta`, e.g. the classes)."""
   cfg = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
       else dict(config or {})
   return manager.save(int(step), args=ocp.args.Composite(
       state=ocp.args.StandardSave(_host(state)),
       data=ocp.args.JsonSave(dict(data_state)),
-      config=ocp.args.JsonSave(cfg)), force=force)
+      config=ocp.args.JsonSave(cfg), meta=ocp.args.JsonSave(dict(meta or {}))), force=force)
 
 
 def restore_latest(manager: ocp.CheckpointManager, template) -> Optional[Tuple[int, Any, dict]]:
@@ -68,7 +70,7 @@ def load_latest_variables(workdir: str, template):
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"{workdir} is neither a model checkpoint directory nor a "
                             f"train.py workdir (no {CHECKPOINTS}/)")
-  mgr = ocp.CheckpointManager(directory, item_names=("state", "data", "config"))
+  mgr = ocp.CheckpointManager(directory, item_names=ITEMS)
   step = mgr.latest_step()
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {directory}")
@@ -79,3 +81,19 @@ def load_latest_variables(workdir: str, template):
   return ckpt_io._strict_like(
       jax.tree_util.tree_map(lambda t: np.zeros(np.shape(t), t.dtype), dict(template)),
       variables, source=f"{directory}/{step}")
+
+
+def read_latest_meta(workdir: str) -> Optional[dict]:
+  """The `meta` item of the latest checkpoint of a train.py workdir (None if absent)."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return None
+  mgr = ocp.CheckpointManager(directory, item_names=ITEMS)
+  try:
+    step = mgr.latest_step()
+    if step is None or not os.path.isdir(os.path.join(directory, str(step), "meta")):
+      return None
+    return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                or {})
+  finally:
+    mgr.close()

@@ -83,18 +83,21 @@ def _make_iterator(config, d, b):
                      f"config.model.num_classes = {config.model.num_classes}")
   _say(f"dataset {info.name} at {info.path}: {info.num_train_images} usable train images, "
        f"{info.num_classes} classes")
-  return pipeline.make_train_iterator(config, data_dir, config.data.name, int(config.train.seed),
-                                      d, b)
+  from centermask_jax.checkpoints import classes
+  return (pipeline.make_train_iterator(config, data_dir, config.data.name,
+                                       int(config.train.seed), d, b),
+          classes.from_dataset(info))
 
 
 def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = None,
                        num_steps: Optional[int] = None, async_checkpoints: bool = True,
-                       quiet: bool = False, devices=None) -> Dict[str, Any]:
+                       quiet: bool = False, devices=None, classes=None) -> Dict[str, Any]:
   """Trains until config.optim.max_iter (or `num_steps` more steps, for tests/tools).
 
   train_iter: optional iterator of [D, B, ...] batches with get_state()/set_state()
   (default: the config's dataset through `data.pipeline`). devices: the local devices to
-  use (default: all).
+  use (default: all). classes: the `checkpoints.classes.ClassInfo` stored with every
+  checkpoint (default: the dataset's; with a given train_iter, the count only).
   Returns {"step", "state" (host, unreplicated), "metrics" (last step, floats),
   "loss_history" (total loss per step of this run), "eval" ({step: COCO metrics})}.
   """
@@ -117,9 +120,14 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
 
   banner("input")
   if train_iter is None:
-    train_iter = _make_iterator(config, d, b)
+    train_iter, data_classes = _make_iterator(config, d, b)
+    classes = classes or data_classes
   else:
     _say("using the given train iterator")
+  if classes is None:
+    from centermask_jax.checkpoints import classes as classes_lib
+    classes = classes_lib.ClassInfo(int(config.model.num_classes), source="train iterator")
+  meta = {"classes": classes.to_json()}
 
   banner("model + optimiser")
   model = CenterMask(config)
@@ -210,7 +218,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
         t_last, n_last = time.time(), 0
       if (every and step % every == 0) or step == end:
         checkpointing.save(mgr, step, step_lib.unreplicate(rstate), train_iter.get_state(),
-                           config)
+                           config, meta=meta)
       if eval_every >= 0 and ((eval_every and step % eval_every == 0) or step == max_iter):
         evaluation.run(step, rstate)
   finally:
