@@ -94,11 +94,10 @@ def main():
   sel = [1] if args.batch == 1 else [0, 1]
   div = cfg.input.size_divisibility
   padded = tuple(max(-(-imgs[i][1][a] // div) * div for i in sel) for a in range(2))
-  mean = np.asarray(cfg.input.pixel_mean, np.float32)
-  x = np.zeros((len(sel), *padded, 3), np.float32)
+  x = np.zeros((len(sel), *padded, 3), np.uint8)  # normalised on the device
   for j, i in enumerate(sel):
     h, w = imgs[i][1]
-    x[j, :h, :w] = imgs[i][0].astype(np.float32) - mean
+    x[j, :h, :w] = imgs[i][0]
   image_hw = jnp.asarray([imgs[i][1] for i in sel], jnp.int32)
   padded_hw = jnp.asarray([padded] * len(sel), jnp.int32)
   if args.what == "predict":

@@ -13,9 +13,9 @@ random weights that give 50 detections per image. This script does the same work
   MobileNetV2 (`mv2`, seed-4321 fixture weights), V-39 (`v39`, weights of its fixture's
   `make_weights.py`, written to `../cache/centermask_V_39_eSE_FPN_ms_3x/` when absent);
 * `infer_b1_img0`, `infer_b1_img1`, `infer_b2`: from the resized uint8 BGR image(s) (resize
-  excluded, as in the reference): normalisation and zero padding to exactly the reference's
-  padded shape (Lite 864x608, 608x800, 864x800; V-39 1120x800, 800x1088, 1120x1088), the
-  jitted `predict` (backbone, FPN, FCOS + NMS, RoIAlign, mask and MaskIoU heads), then
+  excluded, as in the reference): the image copied into a uint8 canvas of exactly the
+  reference's padded shape (Lite 864x608, 608x800, 864x800; V-39 1120x800, 800x1088,
+  1120x1088), the jitted `predict` (normalisation on the device, backbone, FPN, FCOS + NMS, RoIAlign, mask and MaskIoU heads), then
   `detector_postprocess` and the mask paste at the original resolution per image, results
   pulled to host numpy;
 * `train_b2`: the real pmapped training step (`training.step`, the config's SGD) on one
@@ -158,8 +158,6 @@ def run_child(key, mode, warmup, iters, shared, cache, overrides):
   div = cfg.input.size_divisibility
   padded = tuple(max(-(-imgs[i][1][a] // div) * div for i in sel) for a in range(2))
   assert padded == REFERENCE[(key, mode)][3], (padded, REFERENCE[(key, mode)][3])
-  mean = np.asarray(cfg.input.pixel_mean, np.float32)
-  std = np.asarray(cfg.input.pixel_std, np.float32)
   n = len(sel)
   image_hw = np.asarray([imgs[i][1] for i in sel], np.int32)
   padded_hw = np.asarray([padded] * n, np.int32)
@@ -172,10 +170,10 @@ def run_child(key, mode, warmup, iters, shared, cache, overrides):
     thr = cfg.model.mask_head.mask_threshold
 
     def call():
-      x = np.zeros((n, *padded, 3), np.float32)  # preprocess_image: normalise + zero pad
+      x = np.zeros((n, *padded, 3), np.uint8)  # uint8 canvas; normalised on the device
       for j, i in enumerate(sel):
         h, w = imgs[i][1]
-        x[j, :h, :w] = (imgs[i][0].astype(np.float32) - mean) / std
+        x[j, :h, :w] = imgs[i][0]
       out = predict(variables, jnp.asarray(x), jnp.asarray(image_hw), jnp.asarray(padded_hw))
       res = []
       for j, i in enumerate(sel):
@@ -191,10 +189,10 @@ def run_child(key, mode, warmup, iters, shared, cache, overrides):
     lite_hw = [tuple(int(v) for v in s) for s in np.load(os.path.join(
         shared, "fixtures", IMAGES_FIXTURE, "inputs.npz"))["image_sizes"]]
     gt = load_gt(shared, lite_hw, hws)
-    x = np.zeros((1, 2, *padded, 3), np.float32)
+    x = np.zeros((1, 2, *padded, 3), np.uint8)  # as the data pipeline sends it
     for i in range(2):
       h, w = hws[i]
-      x[0, i, :h, :w] = (imgs[i][0].astype(np.float32) - mean) / std
+      x[0, i, :h, :w] = imgs[i][0]
     batch = {k: gt[k][None] for k in ("gt_boxes", "gt_classes", "gt_valid", "gt_polys",
                                       "gt_poly_len")}
     batch.update(image=x, image_hw=image_hw[None], padded_hw=padded_hw[None])
@@ -273,7 +271,7 @@ def main():
   ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
   args, extra = ap.parse_known_args()
   sys.path.insert(0, REPO)
-  from eval import parse_overrides  # the --config.key=value parser of eval.py / demo.py
+  from centermask_jax.config import parse_overrides  # the CLIs' --config.key=value parser
   overrides = parse_overrides(extra)
   if args._child:
     key, mode = args._child
