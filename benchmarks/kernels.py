@@ -38,11 +38,95 @@ def bench(fn, args, iters):
   return min(wall), min(cpu)
 
 
+def bench_nms(iters):
+  """FCOS-sized class-aware NMS: 2 images x 5000 candidates (2800 valid, 80 classes,
+  boxes of 2-8 strides), full walk vs stopping at the top-50 / top-100 survivors."""
+  import jax
+  import numpy as np
+  from centermask_jax.ops.nms import class_aware_nms
+  rng = np.random.default_rng(0)
+  n, m = 2, 5000
+  xy = rng.uniform(0, 800, (n, m, 2))
+  wh = rng.uniform(16, 300, (n, m, 2))
+  boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
+  scores = rng.uniform(0.05, 0.4, (n, m)).astype(np.float32)
+  classes = rng.integers(0, 80, (n, m)).astype(np.int32)
+  valid = np.broadcast_to(np.arange(m)[None] < 2800, (n, m))
+  full = None
+  for k in (None, 50, 100):
+    f = jax.jit(lambda *a, k=k: class_aware_nms(*a, 0.6, max_keep=k))
+    order, keep = f(boxes, scores, classes, valid)
+    if full is None:
+      full = [np.asarray(order)[i][np.asarray(keep)[i]] for i in range(n)]
+      note = f"{sum(len(x) for x in full)} kept"
+    else:
+      got = [np.asarray(order)[i][np.asarray(keep)[i]][:k] for i in range(n)]
+      note = "first k equal" if all(np.array_equal(g, r[:k]) for g, r in zip(got, full)) \
+          else "MISMATCH"
+    wt, ct = bench(f, (boxes, scores, classes, valid), iters)
+    print(f"nms {n}x{m} max_keep={k}: {wt:.4f}/{ct:.4f}  ({note})", flush=True)
+
+
+def bench_deconv(iters):
+  """SAG-Mask deconv (ConvTranspose2d k=2 s=2) on 100 RoIs: XLA's transposed conv vs the
+  model's form (one contraction to 4*Cout + depth-to-space, `mask_head.Deconv2x2`)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rng = np.random.default_rng(0)
+  for r, c in ((100, 128), (100, 256)):
+    x = jnp.asarray(rng.normal(size=(r, 14, 14, c)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 2, c, c)) / c, jnp.float32)
+
+    def d2s(x, k):
+      n, h, w, _ = x.shape
+      return jnp.einsum("nijc,abcd->niajbd", x, k).reshape(n, 2 * h, 2 * w, -1)
+
+    def convt(x, k):  # out[2i+a, 2j+b] = x[i, j] @ k[a, b]: lax wants the flipped kernel
+      return jax.lax.conv_transpose(x, k[::-1, ::-1], (2, 2), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ref = None
+    row = [f"deconv {r}x14x14x{c}->28x28x{c}"]
+    for name, fn in (("conv_transpose", convt), ("einsum+d2s", d2s)):
+      f = jax.jit(fn)
+      out = f(x, k)
+      ref = out if ref is None else ref
+      err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+      wt, ct = bench(f, (x, k), iters)
+      g = jax.jit(jax.grad(lambda x, k, fn=fn: jnp.sum(jnp.tanh(fn(x, k))), (0, 1)))
+      gw, gc = bench(g, (x, k), iters)
+      row.append(f"{name} fwd {wt:.4f}/{ct:.4f} fwd+bwd {gw:.4f}/{gc:.4f} (rel err {err:.1e})")
+    print("  ".join(row), flush=True)
+
+
+def bench_bn_fold(iters):
+  """conv -> FrozenBN -> ReLU vs the BN scale folded into the kernel (inference)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from centermask_jax.ops import kernels as K
+  rng = np.random.default_rng(0)
+  for n, h, w, ci, co, kk in ((2, 216, 200, 24, 144, 1), (2, 108, 100, 128, 128, 3)):
+    x = jnp.asarray(rng.normal(size=(n, h, w, ci)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(kk, kk, ci, co)), jnp.float32)
+    sc = jnp.asarray(rng.uniform(0.5, 1.5, co), jnp.float32)
+    sh = jnp.asarray(rng.normal(size=co), jnp.float32)
+    plain = jax.jit(lambda x, k, sc, sh: jax.nn.relu(K.conv2d(x, k, 1, kk // 2) * sc + sh))
+    folded = jax.jit(lambda x, k, sc, sh: jax.nn.relu(K.conv2d(x, k * sc, 1, kk // 2) + sh))
+    a, b = plain(x, k, sc, sh), folded(x, k, sc, sh)
+    err = float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(a)))
+    t1 = bench(plain, (x, k, sc, sh), iters)
+    t2 = bench(folded, (x, k, sc, sh), iters)
+    print(f"conv{kk}x{kk} {n}x{h}x{w}x{ci}->{co} +FrozenBN+ReLU: plain {t1[0]:.4f}/{t1[1]:.4f}"
+          f"  folded {t2[0]:.4f}/{t2[1]:.4f} (rel err {err:.1e})", flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--grad", action="store_true")
+  ap.add_argument("--only", choices=("depthwise", "nms", "deconv", "bn"), help="run one section")
   args = ap.parse_args()
   sys.path.insert(0, REPO)
   import jax
@@ -51,6 +135,14 @@ def main():
   from centermask_jax.ops import kernels as K
 
   print(f"backend {jax.default_backend()}; min wall s / min cpu s per call")
+  if args.only in (None, "nms"):
+    bench_nms(args.iters)
+  if args.only in (None, "deconv"):
+    bench_deconv(args.iters)
+  if args.only in (None, "bn"):
+    bench_bn_fold(args.iters)
+  if args.only not in (None, "depthwise"):
+    return
   for label, n, h, w, c, s in DEPTHWISE:
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(n, h, w, c)), jnp.float32)

@@ -77,6 +77,15 @@ def test_fixture_prenms_postnms_and_detections(fcos_maps, fixture_run, img):
   np.testing.assert_array_equal(out["locations"][img] % s[:, None], np.stack([s // 2] * 2, -1))
 
 
+def test_early_stop_nms_gives_the_same_detections(fcos_maps, fixture_run):
+  """Without intermediates NMS stops once the top-50 survivors are settled: the final
+  detections are identical to the full walk's (and so to the fixture, tested above)."""
+  maps, _ = fcos_maps
+  out = fcos_inference(maps["logits"], maps["bbox_reg"], maps["ctrness"], PADDED)
+  for k in ("boxes", "scores", "classes", "locations", "levels", "valid"):
+    np.testing.assert_array_equal(np.asarray(out[k]), fixture_run[k])
+
+
 def test_train_proposals(lite_fixture, fcos_maps):
   """post_nms_topk=100 reproduces the training proposals (train maps = eval maps up to rounding)."""
   maps, _ = fcos_maps

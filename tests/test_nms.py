@@ -115,3 +115,26 @@ def test_no_recompile():
   for i in range(2):
     np.testing.assert_array_equal(np.asarray(order[i])[np.asarray(keep[i])],
                                   np_greedy_nms(b[0][i], b[1][i], b[2][i], b[3][i], 0.5))
+
+
+@pytest.mark.parametrize("max_keep,block_size", [(1, 16), (10, 16), (40, 32), (500, 64)])
+def test_max_keep_first_survivors_exact(max_keep, block_size):
+  """max_keep: the first max_keep survivors in score order equal the full greedy NMS's
+  (the walk in score order stops early); 500 > any survivor count = the full result."""
+  rng = np.random.default_rng(11)
+  n, m = 3, 301
+  probs = [random_problem(rng, m, 5, 120.0) for _ in range(n)]
+  boxes, scores, classes, valid = (np.stack(x) for x in zip(*probs))
+  order, keep = class_aware_nms(boxes, scores, classes, valid, 0.6, block_size=block_size,
+                                max_keep=max_keep)
+  order, keep = np.asarray(order), np.asarray(keep)
+  for i in range(n):
+    ref = np_greedy_nms(boxes[i], scores[i], classes[i], valid[i], 0.6)
+    got = order[i][keep[i]]
+    assert len(got) >= min(max_keep, len(ref))
+    np.testing.assert_array_equal(got[:max_keep], ref[:max_keep])
+    if max_keep >= len(ref):
+      np.testing.assert_array_equal(got, ref)
+  # the early stop really skips blocks: with max_keep=1 only the first block is decided
+  if max_keep == 1:
+    assert keep.sum() < n * 40

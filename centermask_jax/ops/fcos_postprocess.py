@@ -93,8 +93,10 @@ def fcos_inference(logits, reg, ctrness, padded_hw, strides: Sequence[int] = (8,
     d["levels"] = jnp.where(d["valid"], lvl, 0).astype(jnp.int32)
   pre = {key: jnp.concatenate([d[key] for d in per_level], axis=1) for key in FINAL_KEYS}
 
+  # Only the top post_nms_topk survivors are used unless the full set is returned.
   order, keep = class_aware_nms(pre["boxes"], pre["scores"], pre["classes"], pre["valid"],
-                                nms_thresh)
+                                nms_thresh,
+                                max_keep=None if return_intermediates else post_nms_topk)
   gather = lambda x, i: jnp.take_along_axis(x, i.reshape(i.shape + (1,) * (x.ndim - 2)), axis=1)
   post = {key: gather(pre[key], order) for key in FINAL_KEYS}
   post["valid"] = keep
