@@ -30,6 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
       stride_in_1x1=True,
       freeze_at=0,              # 0: all trainable (norms are FrozenBN anyway)
       norm="FrozenBN",          # VoVNet only: FrozenBN (official) | GN (from-scratch training)
+      stage_with_dcn=(False, False, False, False),  # VoVNet stages 2..5: modulated DCN 3x3
+      dcn_impl="gather",        # deformable conv formulation: gather | naive (ops/deform_conv)
   ))
   m.fpn_channels = 256
   m.fcos = ml_collections.ConfigDict(dict(
@@ -124,10 +126,13 @@ def lite(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return c
 
 
-def vovnet(c, variant):
+def vovnet(c, variant, dcn: bool = False):
+  """dcn: the *_dcn_* configs (modulated deformable convs in stages 3-5, spec §a)."""
   c.model.backbone.name = "vovnet"
   c.model.backbone.variant = variant
   c.model.backbone.freeze_at = 0
+  if dcn:
+    c.model.backbone.stage_with_dcn = (False, True, True, True)
   return c
 
 

@@ -30,9 +30,9 @@ def _shapes(model):
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
 
 
-def test_twelve_configs_exist():
+def test_fifteen_configs_exist():
   names = {os.path.basename(p)[:-3] for p in CONFIGS}
-  assert len(names) == 12, names
+  assert len(names) == 15, names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])

@@ -37,12 +37,19 @@ def build_bottom_up(bcfg) -> Tuple[Any, Tuple[str, str, str]]:
   """Backbone config -> (Flax module named 'bottom_up', names of its C3..C5 outputs)."""
   norm = bcfg.get("norm", "FrozenBN")
   freeze_at = int(bcfg.get("freeze_at", 0) or 0)
+  dcn = tuple(bool(v) for v in bcfg.get("stage_with_dcn", (False,) * 4))
   if bcfg.name != "vovnet" and norm != "FrozenBN":
     raise ValueError(f"model.backbone.norm={norm!r} is only supported for VoVNet "
                      f"(backbone {bcfg.name!r} uses FrozenBN)")
+  if bcfg.name != "vovnet" and any(dcn):
+    raise ValueError(f"model.backbone.stage_with_dcn is only supported for VoVNet "
+                     f"(backbone {bcfg.name!r})")
   if bcfg.name == "vovnet":
     from centermask_jax.models.vovnet import VoVNet
-    return (VoVNet(bcfg.variant, norm=norm, freeze_at=freeze_at, name="bottom_up"),
+    if len(dcn) != 4:
+      raise ValueError(f"model.backbone.stage_with_dcn needs 4 entries (stages 2..5), got {dcn}")
+    return (VoVNet(bcfg.variant, norm=norm, freeze_at=freeze_at, stage_with_dcn=dcn,
+                   dcn_impl=bcfg.get("dcn_impl", "gather"), name="bottom_up"),
             ("stage3", "stage4", "stage5"))
   if bcfg.name == "resnet":
     from centermask_jax.models.resnet import ResNet

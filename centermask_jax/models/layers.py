@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from centermask_jax.ops import kernels
+from centermask_jax.ops.deform_conv import modulated_deform_conv
 from centermask_jax.ops.padding import apply_mask, masked_group_stats
 
 FROZEN_BN = "frozen_bn"
@@ -50,6 +51,34 @@ class Conv(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(dtype)
     return y
+
+
+class ModulatedDeformConv(nn.Module):
+  """detectron2 ModulatedDeformConv (3x3 by default, groups = deformable groups = 1).
+
+  x [N, H, W, Cin], offset [N, H', W', 2*k*k], mask_dcn [N, H', W', k*k] (after sigmoid),
+  valid_hw [N, 2] official map size of x (`ops.padding.official_map_hw`) or None
+  -> [N, H', W', features]. Samples follow detectron2's rule on the official map, so a
+  larger canvas changes nothing in the region.
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 1
+  pad: int = 1
+  use_bias: bool = False
+  impl: str = "gather"
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x, offset, mask_dcn, valid_hw=None):
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = (self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            if self.use_bias else None)
+    return modulated_deform_conv(
+        x, offset, mask_dcn, kernel, bias, stride=self.stride, padding=self.pad,
+        valid_hw=valid_hw, impl=self.impl)
 
 
 class FrozenBN(nn.Module):

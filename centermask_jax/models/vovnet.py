@@ -80,6 +80,21 @@ def conv_norm_relu(x, mask, prefix: str, features: int, kernel_size: int = 3, st
   return nn.relu(norm_layer(x, mask, f"{prefix}:norm", norm, stride))
 
 
+def dcn_norm_relu(x, mask, prefix: str, features: int, norm: str = "FrozenBN",
+                  impl: str = "gather", valid_hw=None):
+  """centermask2's DFConv3x3 with modulated DCN (spec §a): `{prefix}:conv_offset` (3x3,
+  27 ch, bias, zero init) -> offsets = channels 0..17 (the first two of its 3 chunks,
+  concatenated), mask = sigmoid(channels 18..26) -> `{prefix}:conv` ModulatedDeformConv
+  3x3 pad 1 (no bias) -> `{prefix}:norm` -> ReLU. x [N, H, W, C] -> [N, H, W, features];
+  valid_hw [N, 2] official map size (samples follow detectron2's rule on it; None: canvas)."""
+  om = L.Conv(27, 3, use_bias=True, kernel_init=nn.initializers.zeros,
+              name=f"{prefix}:conv_offset")(x, mask)
+  offset, mask_dcn = om[..., :18], jax.nn.sigmoid(om[..., 18:])
+  x = L.ModulatedDeformConv(features, kernel_init=_he, impl=impl,
+                            name=f"{prefix}:conv")(x, offset, mask_dcn, valid_hw)
+  return nn.relu(norm_layer(x, mask, f"{prefix}:norm", norm))
+
+
 def dw_conv_norm_relu(x, mask, prefix: str, features: int, stride: int = 1,
                       norm: str = "FrozenBN"):
   """Depthwise 3x3 `:dw_conv3x3` -> pointwise `:pw_conv1x1` -> `:pw_norm` -> ReLU."""
@@ -103,18 +118,23 @@ class OSAModule(nn.Module):
   depthwise: bool
   tag: str
   norm: str = "FrozenBN"
+  dcn: bool = False  # 3x3 layers as modulated deformable convs (non-depthwise only)
+  dcn_impl: str = "gather"
 
   @nn.compact
-  def __call__(self, x, mask):
+  def __call__(self, x, mask, valid_hw=None):
+    """valid_hw [N, 2]: official map size of this stage (used by the DCN layers)."""
     tag = self.tag
     cnr = functools.partial(conv_norm_relu, norm=self.norm)
     dw = functools.partial(dw_conv_norm_relu, norm=self.norm)
+    dcn = functools.partial(dcn_norm_relu, norm=self.norm, impl=self.dcn_impl,
+                            valid_hw=valid_hw)
     block_input = x
     outputs = [x]
     if self.depthwise and x.shape[-1] != self.stage_ch:
       x = cnr(x, mask, f"conv_reduction.{tag}_reduction_0", self.stage_ch, 1)
     for i in range(self.num_layers):
-      layer = dw if self.depthwise else cnr
+      layer = dw if self.depthwise else dcn if self.dcn else cnr
       x = layer(x, mask, f"layers.{i}.{tag}_{i}", self.stage_ch)
       outputs.append(x)
     y = cnr(jnp.concatenate(outputs, -1), mask, f"concat.{tag}_concat", self.concat_ch, 1)
@@ -129,14 +149,20 @@ class OSAModule(nn.Module):
 class VoVNet(nn.Module):
   """VoVNetV2 bottom-up network; name it 'bottom_up' inside the FPN.
 
-  norm: "FrozenBN" (official checkpoints) or "GN" (trainable, for from-scratch training)."""
+  norm: "FrozenBN" (official checkpoints) or "GN" (trainable, for from-scratch training).
+  stage_with_dcn: per stage 2..5, modulated deformable 3x3 convs (centermask2's
+  MODEL.VOVNET.STAGE_WITH_DCN; the *_dcn_* configs use (False, True, True, True))."""
   variant: str
   norm: str = "FrozenBN"
   freeze_at: int = 0  # FREEZE_AT: stem (>= 1) and stage n (>= n) frozen, no gradient below
+  stage_with_dcn: Tuple[bool, bool, bool, bool] = (False, False, False, False)
+  dcn_impl: str = "gather"
 
   @nn.compact
   def __call__(self, x, padded_hw):
     spec = VOVNET_SPECS[self.variant]
+    if spec.depthwise and any(self.stage_with_dcn):
+      raise ValueError(f"{self.variant}: deformable convs need a non-depthwise VoVNet")
     hw = x.shape[1:3]
 
     def mask(stride, shape):
@@ -160,8 +186,10 @@ class VoVNet(nn.Module):
       for b in range(spec.blocks[s]):
         x = OSAModule(spec.stage_ch[s], spec.out_ch[s], spec.layers_per_block,
                       identity=b > 0, depthwise=spec.depthwise, tag=f"OSA{n}_{b + 1}",
-                      norm=self.norm,
-                      name=f"stage{n}.OSA{n}_{b + 1}")(x, m)
+                      norm=self.norm, dcn=bool(self.stage_with_dcn[s]),
+                      dcn_impl=self.dcn_impl,
+                      name=f"stage{n}.OSA{n}_{b + 1}")(
+                          x, m, padding.official_map_hw(padded_hw, stride))
       x = L.freeze_below(x, self.freeze_at >= n)
       feats[f"stage{n}"] = x
     return feats
