@@ -53,8 +53,10 @@ def draw_instances(image_rgb, boxes=None, classes=None, scores=None, masks=None,
       out[m] = (1.0 - alpha) * out[m] + alpha * color
   canvas = Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
   draw = ImageDraw.Draw(canvas)
-  font = ImageFont.load_default()
+  font = font_for((h, w))
+  line_width = max(int(line_width), int(round(max(h, w) / 500)))
 
+  labels, anchors, colors = [], [], []
   for i in order:
     color = class_color(classes[i])
     if class_names is not None and 0 <= classes[i] < len(class_names):
@@ -66,18 +68,80 @@ def draw_instances(image_rgb, boxes=None, classes=None, scores=None, masks=None,
     if boxes is not None:
       x0, y0, x1, y1 = (float(v) for v in np.asarray(boxes)[i])
       draw.rectangle([x0, y0, x1, y1], outline=color, width=line_width)
-      anchor = (x0, y0)
+      anchor = (x0, y0, x1, y1)
     elif masks is not None and masks[i].any():
       ys, xs = np.nonzero(masks[i])
-      anchor = (float(xs.min()), float(ys.min()))
+      anchor = (float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max()))
     else:
       continue
+    labels.append((i, label))
+    anchors.append(anchor)
+    colors.append(color)
+  # Labels last (on top of every box), placed in score order so that confident
+  # detections get the first choice of position.
+  pad = max(1, font.size // 8 if hasattr(font, "size") else 1)
+  sizes, offsets = [], []
+  for _, label in labels:
     tx0, ty0, tx1, ty1 = draw.textbbox((0, 0), label, font=font)
-    tw, th = tx1 - tx0, ty1 - ty0
-    lx = min(max(anchor[0], 0.0), max(w - tw - 2, 0))
-    ly = anchor[1] - th - 2
-    if ly < 0:
-      ly = min(max(anchor[1], 0.0), max(h - th - 2, 0))
-    draw.rectangle([lx, ly, lx + tw + 2, ly + th + 2], fill=(0, 0, 0))
-    draw.text((lx + 1 - tx0, ly + 1 - ty0), label, fill=color, font=font)
+    sizes.append((tx1 - tx0 + 2 * pad, ty1 - ty0 + 2 * pad))
+    offsets.append((tx0, ty0))
+  prio = list(range(len(labels)))
+  if scores is not None:
+    sc = np.asarray(scores)
+    prio.sort(key=lambda j: -float(sc[labels[j][0]]))
+  rects = layout_labels([anchors[j] for j in prio], [sizes[j] for j in prio], (h, w))
+  for j, (lx0, ly0, lx1, ly1) in zip(prio, rects):
+    draw.rectangle([lx0, ly0, lx1 - 1, ly1 - 1], fill=(0, 0, 0))
+    draw.text((lx0 + pad - offsets[j][0], ly0 + pad - offsets[j][1]), labels[j][1],
+              fill=colors[j], font=font)
   return np.asarray(canvas, dtype=np.uint8)
+
+
+def font_for(image_hw):
+  """A font whose size follows the image (about 1/55 of its longer side, at least 10 px)."""
+  size = max(10, int(round(max(image_hw) / 55)))
+  try:
+    return ImageFont.load_default(size=size)
+  except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+    return ImageFont.load_default()
+
+
+def _overlap(a, b) -> float:
+  return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def layout_labels(anchors, sizes, image_hw):
+  """Label rectangles (x0, y0, x1, y1) that avoid each other where the image allows.
+
+  anchors: per label the (x0, y0, x1, y1) box it names, in placement priority order;
+  sizes: per label (width, height). Candidates per label: above the box's top-left corner,
+  inside it, below it, then the same column moved down / up in label-height steps; the
+  first candidate inside the image that overlaps no label placed before wins, else the
+  one with the least overlap.
+  """
+  h, w = image_hw
+  placed = []
+  for (x0, y0, x1, y1), (tw, th) in zip(anchors, sizes):
+    lx = min(max(float(x0), 0.0), max(w - tw, 0.0))
+    rx = min(max(float(x1) - tw, 0.0), max(w - tw, 0.0))
+    ys = [y0 - th, y0, y1]
+    ys += [y0 + k * th for k in range(1, int(max(h, 1) // max(th, 1)) + 1)]
+    ys += [y0 - th - k * th for k in range(1, int(max(h, 1) // max(th, 1)) + 1)]
+    best, best_cost = None, None
+    for x in (lx, rx):
+      for y in ys:
+        y = float(y)
+        if y < 0 or y + th > h:
+          continue
+        r = (x, y, x + tw, y + th)
+        cost = sum(_overlap(r, p) for p in placed)
+        if best_cost is None or cost < best_cost:
+          best, best_cost = r, cost
+        if cost == 0:
+          break
+      if best_cost == 0:
+        break
+    if best is None:  # taller than the image: top-left corner
+      best = (lx, 0.0, lx + tw, float(th))
+    placed.append(tuple(int(round(v)) for v in best))
+  return placed

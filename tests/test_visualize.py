@@ -52,3 +52,31 @@ def test_draw_instances_deterministic_and_empty():
   np.testing.assert_array_equal(no_masks[50:70, 40:60], img[50:70, 40:60])
   with pytest.raises(ValueError):
     draw_instances(img.astype(np.float32), boxes, None, None, None)
+
+
+def test_labels_of_coinciding_boxes_do_not_overlap():
+  from centermask_jax.visualize import _overlap, layout_labels
+  boxes = [(40, 50, 120, 90)] * 4 + [(0, 0, 30, 20)]
+  sizes = [(50, 12)] * 5
+  rects = layout_labels(boxes, sizes, (200, 300))
+  assert rects[0] == (40, 38, 90, 50)  # first choice: above the box's top-left corner
+  for i, a in enumerate(rects):
+    assert 0 <= a[0] and a[2] <= 300 and 0 <= a[1] and a[3] <= 200
+    assert (a[2] - a[0], a[3] - a[1]) == (50, 12)
+    for b in rects[i + 1:]:
+      assert _overlap(a, b) == 0, (a, b)
+
+
+def test_label_text_scales_with_the_image():
+  from PIL import ImageDraw, Image
+  from centermask_jax.visualize import font_for
+  d = ImageDraw.Draw(Image.new("RGB", (10, 10)))
+  small = d.textbbox((0, 0), "person 0.99", font=font_for((120, 160)))
+  large = d.textbbox((0, 0), "person 0.99", font=font_for((1200, 1600)))
+  assert (large[3] - large[1]) >= 2.5 * (small[3] - small[1])
+  # drawn: a 1600-px image's label is taller than the default 11-px bitmap font
+  img = np.zeros((1200, 1600, 3), np.uint8)
+  out = draw_instances(img, np.array([[400, 400, 900, 900]], np.float32), np.array([0]),
+                       np.array([0.9]), None, ["person"], 0.5)
+  rows = np.nonzero((out[:400, 400:900] == class_color(0)).all(-1).any(-1))[0]
+  assert rows.size and rows.max() - rows.min() >= 20

@@ -13,6 +13,8 @@ Next to the tfds files (`DIR/coco_instances/NAME/1.0.0/`) it writes `centermask_
 (categories, build stats, source paths) and `gt_<split>.json` for every split except train:
 the source annotation JSON restricted to the images actually stored (for COCOeval).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
@@ -21,7 +23,22 @@ import shutil
 import sys
 from typing import Dict, Optional, Sequence, Tuple
 
-from centermask_jax.data import coco_builder
+
+
+class _LazyModule:
+  """Imports the module on first attribute access (TensorFlow stays unloaded for --help)."""
+
+  def __init__(self, name):
+    self._name, self._module = name, None
+
+  def __getattr__(self, attr):
+    if self._module is None:
+      import importlib
+      self._module = importlib.import_module(self._name)
+    return getattr(self._module, attr)
+
+
+coco_builder = _LazyModule("centermask_jax.data.coco_builder")
 
 META_FILE = "centermask_meta.json"
 SYNTHETIC_NAME = "synthetic"
@@ -124,6 +141,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--num-train", type=int, default=None, help="synthetic train images")
   p.add_argument("--num-val", type=int, default=None, help="synthetic val images")
   a = p.parse_args(argv)
+  from centermask_jax import runlog
+  runlog.quiet_startup()
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   try:
