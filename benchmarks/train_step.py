@@ -72,6 +72,7 @@ def run_one(config_path, per_device_batch, iters, overrides):
   from centermask_jax.config import load_config
   from centermask_jax.data import transforms
   from centermask_jax.models.centermask import CenterMask
+  from centermask_jax import parallel
   from centermask_jax.training import optimizer as opt_lib, step as step_lib
 
   cfg = load_config(config_path, overrides)
@@ -83,7 +84,7 @@ def run_one(config_path, per_device_batch, iters, overrides):
   model = CenterMask(cfg)
   variables = model.init(jax.random.PRNGKey(0), (128, 128))
   tx = opt_lib.make_optimizer(cfg, variables["params"])
-  state = step_lib.replicate(
+  state = parallel.replicate(
       step_lib.init_state(variables["params"], variables["frozen_bn"], tx), devices)
   p_step = step_lib.make_train_step(model, cfg, tx, opt_lib.lr_schedule(cfg), devices=devices)
   rng = np.random.default_rng(0)
@@ -106,7 +107,7 @@ def run_one(config_path, per_device_batch, iters, overrides):
               device=str(devices[0].device_kind), compile_s=round(first - med, 2),
               step_s=round(med, 3), images_per_s=round(d * b / med, 2),
               peak_mib=round(mem, 1), peak_kind=mem_kind,
-              loss=round(float(m["total_loss"][0]), 4))
+              loss=round(parallel.first_device_metrics(m)["total_loss"], 4))
 
 
 def main():

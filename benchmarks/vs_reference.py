@@ -184,6 +184,7 @@ def run_child(key, mode, warmup, iters, shared, cache, overrides):
     _reset_hwm()
     res = None
   else:
+    from centermask_jax import parallel
     from centermask_jax.training import optimizer as opt_lib, step as step_lib
     hws = [im[1] for im in imgs]
     lite_hw = [tuple(int(v) for v in s) for s in np.load(os.path.join(
@@ -203,7 +204,7 @@ def run_child(key, mode, warmup, iters, shared, cache, overrides):
     host_state = jax.device_get(host_state)
     p_step = step_lib.make_train_step(model, cfg, tx, opt_lib.lr_schedule(cfg), devices=devices)
     key_ = jax.random.PRNGKey(0)
-    fresh = lambda: step_lib.replicate(host_state, devices)  # noqa: E731
+    fresh = lambda: parallel.replicate(host_state, devices)  # noqa: E731
     state = [fresh()]
 
     def call():

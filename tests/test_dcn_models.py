@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from centermask_jax import parallel
 from centermask_jax.checkpoints import official
 from centermask_jax.config import load_config
 from centermask_jax.models.centermask import CenterMask
@@ -162,7 +163,7 @@ def test_training_step_updates_deformable_layers():
   devices = jax.local_devices()[:1]
   tx = O.make_optimizer(c, v["params"])
   p_step = S.make_train_step(model, c, tx, O.lr_schedule(c), devices=devices)
-  state = S.replicate(S.init_state(v["params"], v["frozen_bn"], tx), devices)
+  state = parallel.replicate(S.init_state(v["params"], v["frozen_bn"], tx), devices)
   batch = split(make_batch(1, 3), 1)
   state, m = p_step(state, batch, jax.random.PRNGKey(0))
   assert np.isfinite(float(m["total_loss"][0]))

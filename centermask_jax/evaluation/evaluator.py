@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
+from centermask_jax import parallel
 from centermask_jax.evaluation import coco as coco_eval
 from centermask_jax.ops import padding, postprocess
 
@@ -71,7 +72,7 @@ class Evaluator:
     def infer(variables, inputs):
       out = predict_fn(variables, inputs)
       return {k: out[k] for k in OUT_KEYS}
-    self._infer = jax.pmap(infer, devices=self.devices)
+    self._infer = parallel.make_pmap(infer, self.devices)
     self._paste = {}
     self.threshold = float(config.model.mask_head.mask_threshold)
 
@@ -87,16 +88,12 @@ class Evaluator:
                    o["mask_probs"][None], o["maskiou"][None], ihw[None], ohw[None])
           return jax.tree_util.tree_map(lambda x: x[0], r)
         return jax.lax.map(one, (out, image_hw, orig_hw))
-      self._paste[canvas_hw] = jax.pmap(paste, devices=self.devices)
+      self._paste[canvas_hw] = parallel.make_pmap(paste, self.devices)
     return self._paste[canvas_hw]
 
   def replicate(self, variables):
     """Host tree -> per-device copies [D, ...] laid out as the pmapped functions expect."""
-    if not jax.tree_util.tree_leaves(variables):
-      return variables
-    stacked = jax.tree_util.tree_map(
-        lambda x: np.broadcast_to(np.asarray(x), (len(self.devices),) + np.shape(x)), variables)
-    return jax.pmap(lambda x: x, devices=self.devices)(stacked)
+    return parallel.replicate(variables, self.devices, across_processes=False)
 
   def __call__(self, variables, data_dir: str, name: str, workdir: Optional[str] = None, *,
                split: str = "val", per_device_batch: int = 1, replicated: bool = False,

@@ -3,19 +3,21 @@
 `loss_fn` is per-device code. The FCOS normalisers are reduced over `axis_name` (spec
 §c.4, all-device positive count); the mask and MaskIoU losses are, as centermask2 under
 DDP, means over each device's own foreground RoIs (`train.mask_loss_norm = "per_device"`,
-the default) or over the all-device counts ("global"). `train_step` averages gradients. `make_train_step` pmaps `train_step` over the local devices with
-the state donated.
+the default) or over the all-device counts ("global"). `train_step` averages gradients.
+`make_train_step` maps `train_step` over the devices through `centermask_jax.parallel`
+(pmap by default, state donated).
 
 State: a dict {"step": int32 [], "params": ..., "frozen_bn": ..., "opt_state": ...}
-(replicated over devices by `replicate`).
+(placed on the devices by `parallel.replicate`).
 """
 import functools
 from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+
+from centermask_jax import parallel
 
 from centermask_jax.models.centermask import CenterMask
 from centermask_jax.ops import fcos_postprocess, postprocess
@@ -23,8 +25,7 @@ from centermask_jax.training import losses as L
 from centermask_jax.training import mask_targets as MT
 from centermask_jax.training import targets as T
 
-AXIS = "batch"
-TRACES = {"train_step": 0}
+AXIS = parallel.AXIS
 LOSS_KEYS = ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr", "loss_mask", "loss_maskiou")
 
 
@@ -126,7 +127,6 @@ def init_state(params, frozen_bn, tx: optax.GradientTransformation) -> Dict[str,
 
 def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS):
   """One SGD step on this device's batch; grads and metrics averaged over `axis_name`."""
-  TRACES["train_step"] += 1  # Python side effect: counts traces (recompilation checks)
   rng = jax.random.fold_in(rng, state["step"])
   grad_fn = jax.value_and_grad(
       functools.partial(loss_fn, model=model, config=config, axis_name=axis_name),
@@ -148,33 +148,16 @@ def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS):
   return new_state, metrics
 
 
-def _pmap_devices(devices):
-  """pmap's `devices`: None (= every device of every process) in a multi-process run, so
-  that the collectives span all processes; a local subset only in a single process."""
-  if jax.process_count() == 1:
-    return devices
-  if devices is not None and set(devices) != set(jax.local_devices()):
-    raise ValueError("multi-process training uses every local device; got a subset")
-  return None
-
-
-def make_train_step(model, config, tx, lr_fn, devices=None):
-  """pmapped step: (replicated state, batch [D, B, ...], rng) -> (state, metrics [D]).
+def make_train_step(model, config, tx, lr_fn, devices=None, mode: str = "pmap"):
+  """The mapped update step. mode "pmap" (default): (state [D, ...], batch [D, B, ...], rng)
+  -> (state, metrics [D]); "shard_map": jit of shard_map over `parallel.make_mesh(devices)`,
+  state replicated on the mesh (`parallel.replicate_on_mesh`), metrics unstacked.
 
   Gradients and metrics are averaged over every device of every process."""
   fn = functools.partial(train_step, model=model, config=config, tx=tx, lr_fn=lr_fn,
                          axis_name=AXIS)
-  return jax.pmap(fn, axis_name=AXIS, in_axes=(0, 0, None), donate_argnums=(0,),
-                  devices=_pmap_devices(devices))
-
-
-def replicate(tree, devices=None):
-  """Host tree -> per-device copies [D, ...] laid out as the pmapped step expects."""
-  devices = devices or jax.local_devices()
-  stacked = jax.tree_util.tree_map(
-      lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
-  return jax.pmap(lambda x: x, axis_name=AXIS, devices=_pmap_devices(devices))(stacked)
-
-
-def unreplicate(tree):
-  return jax.tree_util.tree_map(lambda x: x[0], tree)
+  if mode == "pmap":
+    return parallel.make_pmap_step(fn, devices)
+  if mode == "shard_map":
+    return parallel.make_shard_map_step(fn, parallel.make_mesh(devices))
+  raise ValueError(f"unknown step mode {mode!r}; expected 'pmap' or 'shard_map'")

@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, Optional
 import jax
 import numpy as np
 
+from centermask_jax import parallel
 from centermask_jax.models.centermask import CenterMask, count_values
 from centermask_jax.training import checkpointing, optimizer as opt_lib, step as step_lib
 
@@ -164,7 +165,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
 
   banner("update step")
   p_step = step_lib.make_train_step(model, config, tx, lr_fn, devices=devices)
-  rstate = step_lib.replicate(state, devices)
+  rstate = parallel.replicate(state, devices)
   del state
   _say(f"pmapped over {d} devices, axis 'batch', state donated")
 
@@ -189,7 +190,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
     while step < end:
       batch = next(train_iter)
       rstate, metrics = p_step(rstate, batch, step_rng)
-      metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+      metrics = parallel.first_device_metrics(metrics)
       step += 1
       if not math.isfinite(metrics["total_loss"]):
         mgr.wait_until_finished()
@@ -217,7 +218,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
         log.info("step %d: %s", step, {k: round(v, 5) for k, v in metrics.items()})
         t_last, n_last = time.time(), 0
       if (every and step % every == 0) or step == end:
-        checkpointing.save(mgr, step, step_lib.unreplicate(rstate), train_iter.get_state(),
+        checkpointing.save(mgr, step, parallel.unreplicate(rstate), train_iter.get_state(),
                            config, meta=meta)
       if eval_every >= 0 and ((eval_every and step % eval_every == 0) or step == max_iter):
         evaluation.run(step, rstate)
@@ -228,7 +229,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
       bar.close()
     if writer is not None:
       writer.close()
-  host_state = jax.tree_util.tree_map(np.asarray, jax.device_get(step_lib.unreplicate(rstate)))
+  host_state = jax.tree_util.tree_map(np.asarray, jax.device_get(parallel.unreplicate(rstate)))
   if jax.process_index() == 0 and last:
     print(f"  done at step {step}: total loss {last['total_loss']:.4f}; checkpoints in "
           f"{checkpointing.checkpoint_dir(workdir)}", flush=True)
@@ -260,8 +261,7 @@ class _EvalHook:
       variables = {"params": rstate["params"], "frozen_bn": rstate["frozen_bn"]}
       replicated = jax.process_count() == 1
       if not replicated:  # the train state spans all processes; evaluate a local copy
-        variables = jax.tree_util.tree_map(
-            lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), variables)
+        variables = parallel.local_copy(variables)
       out_dir = os.path.join(self.workdir, "eval", f"step_{step}")
       metrics = ev_lib.run_evaluation(self.config, variables, workdir=out_dir,
                                       replicated=replicated, evaluator=self.evaluator)

@@ -1,0 +1,112 @@
+"""Device layout: the one home of how steps, batches and state map onto devices.
+
+Layout of the default (pmap) path: host batches are [D, B, ...] (D = local devices, B =
+per-device batch, see docs/CONVENTIONS.md), state and variables carry a leading [D] axis of
+identical copies, per-device metrics come back as [D] arrays. Collectives use axis `AXIS`.
+In a multi-process run pmap spans every device of every process.
+
+`make_shard_map_step` is the same step as one `jit` of a `shard_map` over a 1-D mesh: state
+is a plain tree placed replicated on the mesh (`replicate_on_mesh`), batches stay [D, B, ...]
+and are split over the mesh axis, metrics come back unstacked.
+"""
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "batch"
+
+
+def pmap_devices(devices: Optional[Sequence] = None):
+  """pmap's `devices`: None (= every device of every process) in a multi-process run, so
+  that the collectives span all processes; a local subset only in a single process."""
+  if jax.process_count() == 1:
+    return None if devices is None else list(devices)
+  if devices is not None and set(devices) != set(jax.local_devices()):
+    raise ValueError("multi-process training uses every local device; got a subset")
+  return None
+
+
+def make_pmap_step(step_fn: Callable, devices: Optional[Sequence] = None,
+                   donate_state: bool = True):
+  """step_fn(state, batch, rng) per device (collectives over AXIS) ->
+  pmapped (state [D, ...], batch [D, B, ...], rng) -> (state [D, ...], metrics [D])."""
+  return jax.pmap(step_fn, axis_name=AXIS, in_axes=(0, 0, None),
+                  donate_argnums=(0,) if donate_state else (), devices=pmap_devices(devices))
+
+
+def make_pmap(fn: Callable, devices: Optional[Sequence] = None):
+  """Per-device fn(*args) -> pmapped over the given local devices (inference, paste)."""
+  return jax.pmap(fn, axis_name=AXIS, devices=None if devices is None else list(devices))
+
+
+def replicate(tree, devices: Optional[Sequence] = None, across_processes: bool = True):
+  """Host tree -> per-device copies [D, ...] laid out as the pmapped functions expect.
+
+  across_processes: for a step made by `make_pmap_step` (spans every process); False for
+  functions of `make_pmap` (this process's devices only, e.g. evaluation)."""
+  devices = list(devices or jax.local_devices())
+  if not jax.tree_util.tree_leaves(tree):
+    return tree
+  stacked = jax.tree_util.tree_map(
+      lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x)), tree)
+  pdev = pmap_devices(devices) if across_processes else devices
+  return jax.pmap(lambda x: x, axis_name=AXIS, devices=pdev)(stacked)
+
+
+def unreplicate(tree):
+  """[D, ...] replicated tree -> the copy of device 0 (still on device)."""
+  return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+
+def local_copy(tree):
+  """[D, ...] replicated tree (also one spanning processes) -> NumPy copy of this process's
+  first device."""
+  return jax.tree_util.tree_map(
+      lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
+
+
+def first_device_metrics(metrics) -> dict:
+  """{name: [D] per-device scalars} -> {name: float} of device 0 (metrics are pmean-ed)."""
+  return {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+
+
+def shard_batch(batch: dict, num_devices: int) -> dict:
+  """Host batch {key: [D * B, ...]} -> {key: [D, B, ...]} (device-major split)."""
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    if v.shape[0] % num_devices:
+      raise ValueError(f"batch key {k!r}: leading size {v.shape[0]} is not divisible by "
+                       f"{num_devices} devices")
+    out[k] = v.reshape((num_devices, v.shape[0] // num_devices) + v.shape[1:])
+  return out
+
+
+def make_mesh(devices: Optional[Sequence] = None) -> Mesh:
+  """1-D mesh over `devices` (default: every device) with axis AXIS."""
+  return Mesh(np.asarray(list(devices or jax.devices())), (AXIS,))
+
+
+def replicate_on_mesh(tree, mesh: Mesh):
+  """Host tree -> the same tree placed replicated on every device of `mesh`."""
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def make_shard_map_step(step_fn: Callable, mesh: Mesh, donate_state: bool = True):
+  """step_fn(state, batch, rng) per device (collectives over AXIS) ->
+  jit(shard_map): (state replicated on mesh, batch [D, B, ...], rng) -> (state, metrics).
+
+  The step must leave state and metrics identical on every device (pmean-ed gradients and
+  metrics), as the pmap step does: outputs are declared replicated.
+  """
+  def per_device(state, batch, rng):
+    return step_fn(state, jax.tree_util.tree_map(lambda x: x[0], batch), rng)
+  name = getattr(step_fn, "__name__", None) or getattr(step_fn.func, "__name__", "step")
+  per_device.__name__ = per_device.__qualname__ = f"shard_map_{name}"
+
+  mapped = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS), P()),
+                         out_specs=(P(), P()), check_vma=False)
+  return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+
