@@ -8,11 +8,15 @@ cache dir when the folder has none) through the importer, runs DIR/inputs.npz an
 every stage stored in eval_outputs.npz and given_boxes_outputs.npz with the tolerances
 of the fixtures README §7. Prints one line per stage and exits 1 if any stage fails.
 `--canvas` runs the images on a larger static canvas (padding exactness check).
+Stages `*_refmaps` (FCOS post-processing on the fixture's own dense maps) and
+`*_final_refinputs` (post-processing + paste on its own det boxes and mask probabilities)
+test those steps free of the float32 noise our dense maps carry.
 `--train` compares the training targets, RoIs and losses with train_outputs.npz instead
 (see `parity_train`).
 """
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -31,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 from centermask_jax.config import load_config  # noqa: E402
 from centermask_jax.checkpoints import official  # noqa: E402
 from centermask_jax.models.centermask import CenterMask  # noqa: E402
-from centermask_jax.ops import postprocess  # noqa: E402
+from centermask_jax.ops import fcos_postprocess, postprocess  # noqa: E402
 from centermask_jax.predictor import image_instances  # noqa: E402
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
@@ -397,9 +401,55 @@ def run(config_path: str, fixture: str, canvas: Optional[tuple] = None,
     src = ev[f"{p}_final_src_index"] if f"{p}_final_src_index" in ev.files else np.arange(k)
     _check_final(rep, f"{p}_final", fin, ev, f"{p}_final", src)
 
+  fcos_from_reference_maps(rep, cfg, ev, n)
+  final_from_reference_inputs(rep, ev, image_hw, orig_hw, n)
   if gb is not None:
     given_boxes(rep, model, variables, images, image_hw, padded_hw, orig_hw, gb, n)
   return rep
+
+
+def fcos_from_reference_maps(rep: Report, cfg, ev, n: int):
+  """FCOS post-processing fed with the fixture's own dense maps (stored in full): the
+  candidate sets and detections then test our post-processing alone, free of the float32
+  noise the dense maps carry (`*_refmaps` stages, same tolerances)."""
+  if not all(f"fcos_{k}_{l}" in ev.files for k in ("logits", "bbox_reg", "ctrness")
+             for l in LEVELS):
+    return
+  fc = cfg.model.fcos
+  nhwc = lambda k: [jnp.asarray(ev[f"fcos_{k}_{l}"].transpose(0, 2, 3, 1)) for l in LEVELS]
+  h3, w3 = ev["fcos_logits_p3"].shape[2:]
+  strides = tuple(fc.strides)
+  padded_hw = jnp.asarray([[h3 * strides[0], w3 * strides[0]]] * n, jnp.int32)
+  det = jax.device_get(jax.jit(functools.partial(
+      fcos_postprocess.fcos_inference, strides=strides, score_thresh=fc.inference_th,
+      pre_nms_topk=fc.pre_nms_topk, nms_thresh=fc.nms_th, post_nms_topk=fc.post_nms_topk_test,
+      return_intermediates=True))(nhwc("logits"), nhwc("bbox_reg"), nhwc("ctrness"), padded_hw))
+  for i in range(n):
+    p = f"img{i}"
+    for stage in ("prenms", "postnms"):
+      if f"{p}_{stage}_scores" not in ev.files:
+        continue
+      ours = {k: det[f"{stage}_{k}"][i] for k in ("boxes", "scores", "classes", "valid")}
+      ref = {k: ev[f"{p}_{stage}_{k}"] for k in ("boxes", "scores", "classes")}
+      compare_candidate_set(rep, f"{p}_{stage}_refmaps", ours, ref)
+    k = len(ev[f"{p}_det_scores"])
+    rep.exact(f"{p}_det_refmaps_count", int(det["valid"][i].sum()), k)
+    rep.close(f"{p}_det_refmaps_boxes", det["boxes"][i][:k], ev[f"{p}_det_boxes"], atol=1e-3)
+    rep.close(f"{p}_det_refmaps_scores", det["scores"][i][:k], ev[f"{p}_det_scores"], atol=1e-5)
+    rep.exact(f"{p}_det_refmaps_classes", det["classes"][i][:k], ev[f"{p}_det_classes"])
+
+
+def final_from_reference_inputs(rep: Report, ev, image_hw, orig_hw, n: int):
+  """detector_postprocess + paste fed with the fixture's own det boxes and mask
+  probabilities (`*_final_refinputs` stages): tests our post-processing and paste alone."""
+  for i in range(n):
+    p = f"img{i}"
+    k = len(ev[f"{p}_det_scores"])
+    fin = image_instances(ev[f"{p}_det_boxes"], ev[f"{p}_det_scores"], ev[f"{p}_det_classes"],
+                          ev[f"{p}_mask_probs"][:, 0], ev[f"{p}_mask_scores"], np.ones(k, bool),
+                          np.asarray(image_hw[i]), orig_hw[i])
+    src = ev[f"{p}_final_src_index"] if f"{p}_final_src_index" in ev.files else np.arange(k)
+    _check_final(rep, f"{p}_final_refinputs", fin, ev, f"{p}_final", src)
 
 
 def _check_final(rep, tag, fin, ref, prefix, src_expected):
