@@ -192,7 +192,7 @@ WEIGHTS_NAME = "model_random_fp16.pth"
 # Where fixture weights that are not stored in their folder are generated (by the folder's
 # make_weights.py): <cache>/<fixture folder name>/model_random_fp16.pth.
 DEFAULT_CACHE = os.environ.get(
-    "CENTERMASK_JAX_CACHE",
+    "CENTERMASK_JAX_FIXTURE_WEIGHTS",
     os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                  os.pardir, "cache"))
 
