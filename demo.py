@@ -18,6 +18,7 @@ import sys
 
 import numpy as np
 
+from centermask_jax.config import add_config_argument, parse_command_line
 from centermask_jax.data.categories import COCO_CATEGORIES  # noqa: F401 (re-export)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -72,7 +73,7 @@ def predictions_json(path, image, pred, keep, names, cat_ids):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=True)
+  add_config_argument(p)
   p.add_argument("--checkpoint", required=True, help="checkpoint dir, train workdir or .pth/.pkl")
   p.add_argument("--input", required=True, nargs="+", help="images, directories or globs")
   p.add_argument("--output", required=True, help="output directory")
@@ -80,14 +81,10 @@ def main(argv=None):
   p.add_argument("--data_dir", "--data-dir", default=None,
                  help="with --dataset: check the checkpoint's classes against this dataset")
   p.add_argument("--dataset", default=None)
-  args, extra = p.parse_known_args(argv)
-
-  from eval import parse_overrides
-  from centermask_jax.config import load_config
+  args, cfg = parse_command_line(p, argv)
   try:
-    cfg = load_config(args.config, parse_overrides(extra))
     paths = expand_inputs(args.input)
-  except (KeyError, FileNotFoundError, TypeError, ValueError) as e:
+  except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   from PIL import Image

@@ -15,13 +15,13 @@ import argparse
 import os
 import sys
 
-from centermask_jax.config import parse_overrides  # noqa: F401 - CLI helper, re-exported
+from centermask_jax.config import add_config_argument, parse_command_line
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=True, help="configs/NAME.py")
+  add_config_argument(p)
   p.add_argument("--checkpoint", required=True, help="checkpoint dir, train workdir or .pth/.pkl")
   p.add_argument("--workdir", required=True, help="output directory")
   p.add_argument("--data_dir", "--data-dir", default=None)
@@ -32,14 +32,7 @@ def main(argv=None):
   p.add_argument("--class_map", choices=("none", "by_name"), default="none",
                  help="by_name: evaluate a model whose classes differ from the dataset's on "
                       "the classes whose names match (default: refuse a mismatch)")
-  args, extra = p.parse_known_args(argv)
-
-  from centermask_jax.config import load_config
-  try:
-    cfg = load_config(args.config, parse_overrides(extra))
-  except (KeyError, FileNotFoundError, TypeError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  args, cfg = parse_command_line(p, argv)
   import jax
 
   from centermask_jax import compilation_cache

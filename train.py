@@ -5,41 +5,40 @@ environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_
 `jax.distributed.initialize` runs before any device is touched. Rerunning with the same
 --workdir resumes from its latest checkpoint.
 """
-import logging
+import argparse
 import os
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
-
-config_flags.DEFINE_config_file("config", None, "configs/NAME.py", lock_config=True)
-flags.DEFINE_string("workdir", None, "output directory (checkpoints, TensorBoard)")
-flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
-                    "multi-host: coordinator host:port")
-flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "1")),
-                     "multi-host: number of processes")
-flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "0")),
-                     "multi-host: this process's index")
-flags.mark_flags_as_required(["config", "workdir"])
-FLAGS = flags.FLAGS
+from centermask_jax.config import add_config_argument, parse_command_line
 
 
-def main(argv):
-  del argv
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_config_argument(p)
+  p.add_argument("--workdir", required=True, help="output directory (checkpoints, TensorBoard)")
+  p.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                 help="multi-host: coordinator host:port")
+  p.add_argument("--num_processes", type=int,
+                 default=int(os.environ.get("JAX_NUM_PROCESSES", "1")),
+                 help="multi-host: number of processes")
+  p.add_argument("--process_id", type=int, default=int(os.environ.get("JAX_PROCESS_ID", "0")),
+                 help="multi-host: this process's index")
+  args, cfg = parse_command_line(p, argv)
   import jax
-  if FLAGS.coordinator_address or FLAGS.num_processes > 1:
+  if args.coordinator_address or args.num_processes > 1:
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(coordinator_address=args.coordinator_address,
+                               num_processes=args.num_processes, process_id=args.process_id)
   from centermask_jax import compilation_cache
-  compilation_cache.enable(FLAGS.config.get("compilation_cache_dir") or None)
+  compilation_cache.enable(cfg.get("compilation_cache_dir") or None)
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   from centermask_jax.training import trainer
-  trainer.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  trainer.train_and_evaluate(cfg, args.workdir)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(app.run(main))
+  sys.exit(main())

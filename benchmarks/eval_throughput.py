@@ -2,7 +2,7 @@
 
   python benchmarks/eval_throughput.py [--config configs/centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py]
       [--num-images 16] [--size 600] [--inference-th 0.005] [--per-device-batch 1]
-      [--data_dir D --dataset NAME]
+      [--data_dir D --dataset NAME] [--config.key=value ...]
 
 Random weights. Without --dataset, the first --num-images images of ../shared/data/tiny_coco
 val are prepared into a temporary dir. The class threshold is lowered (0.005) so a random
@@ -37,10 +37,11 @@ def prepare_subset(n, root):
   return data_dir, "bench_val"
 
 
-def main():
+def main(argv=None):
+  from centermask_jax.config import add_config_argument, parse_command_line
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", default=str(
+  add_config_argument(ap, default=str(
       REPO / "configs" / "centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py"))
   ap.add_argument("--num-images", type=int, default=16)
   ap.add_argument("--size", type=int, default=600, help="min_size_test")
@@ -50,17 +51,16 @@ def main():
   ap.add_argument("--data_dir", default=None)
   ap.add_argument("--dataset", default=None)
   ap.add_argument("--passes", type=int, default=2)
-  args = ap.parse_args()
+  args, cfg = parse_command_line(ap, argv)
 
   import jax
 
-  from centermask_jax.config import load_config
   from centermask_jax.evaluation.evaluator import Evaluator
   from centermask_jax.models.centermask import CenterMask
 
-  cfg = load_config(args.config, {"input.min_size_test": args.size,
-                                  "input.max_size_test": args.max_size,
-                                  "model.fcos.inference_th": args.inference_th})
+  cfg.input.min_size_test = args.size
+  cfg.input.max_size_test = args.max_size
+  cfg.model.fcos.inference_th = args.inference_th
   with tempfile.TemporaryDirectory() as tmp:
     if args.dataset:
       data_dir, name = args.data_dir, args.dataset

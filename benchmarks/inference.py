@@ -18,14 +18,12 @@ import sys
 import time
 
 
-def run_one(config_path, h, w, batch, iters):
+def run_one(cfg, h, w, batch, iters):
   import jax
   import jax.numpy as jnp
 
-  from centermask_jax.config import load_config
   from centermask_jax.models.centermask import CenterMask
 
-  cfg = load_config(config_path)
   model = CenterMask(cfg)
   variables = jax.device_put(model.init(jax.random.PRNGKey(0)))
   images = jax.random.normal(jax.random.PRNGKey(1), (batch, h, w, 3)) * 50.0
@@ -47,17 +45,20 @@ def run_one(config_path, h, w, batch, iters):
               peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", nargs="+", required=True)
+def main(argv=None):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from centermask_jax.config import add_config_argument, parse_command_line
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_config_argument(ap, multiple=True)
   ap.add_argument("--size", nargs="+", default=["608x928"], help="canvas HxW (multiples of 32)")
   ap.add_argument("--batch", nargs="+", type=int, default=[1, 2])
   ap.add_argument("--iters", type=int, default=10)
   ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
-  args = ap.parse_args()
+  args, cfgs = parse_command_line(ap, argv)
   if args._child:
     h, w = (int(v) for v in args.size[0].split("x"))
-    print(json.dumps(run_one(args.config[0], h, w, args.batch[0], args.iters)))
+    print(json.dumps(run_one(cfgs[0], h, w, args.batch[0], args.iters)))
     return
   print(f"{'config':45s} {'size':>9s} {'batch':>5s} {'compile_s':>9s} {'latency_s':>9s} "
         f"{'img/s':>7s} {'peak_rss_MiB':>12s} backend")
@@ -65,7 +66,8 @@ def main():
     for size in args.size:
       for batch in args.batch:
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--config", config,
-               "--size", size, "--batch", str(batch), "--iters", str(args.iters)]
+               "--size", size, "--batch", str(batch), "--iters", str(args.iters),
+               *args.config_argv]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
           print(f"{config} {size} batch {batch}: FAILED\n{out.stderr[-2000:]}")

@@ -65,17 +65,15 @@ def peak_memory_mib(device):
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"
 
 
-def run_one(config_path, per_device_batch, iters, overrides):
+def run_one(cfg, per_device_batch, iters):
   import jax
   import numpy as np
 
-  from centermask_jax.config import load_config
+  from centermask_jax import parallel
   from centermask_jax.data import transforms
   from centermask_jax.models.centermask import CenterMask
-  from centermask_jax import parallel
   from centermask_jax.training import optimizer as opt_lib, step as step_lib
 
-  cfg = load_config(config_path, overrides)
   devices = jax.local_devices()
   d, b = len(devices), per_device_batch
   sizes = cfg.input.min_size_train
@@ -110,26 +108,25 @@ def run_one(config_path, per_device_batch, iters, overrides):
               loss=round(parallel.first_device_metrics(m)["total_loss"], 4))
 
 
-def main():
+def main(argv=None):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from centermask_jax.config import add_config_argument, parse_command_line
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", nargs="+", default=list(DEFAULT_CONFIGS))
+  add_config_argument(ap, multiple=True, default=list(DEFAULT_CONFIGS))
   ap.add_argument("--per_device_batch", type=int, default=2)
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
-  args, extra = ap.parse_known_args()
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from eval import parse_overrides  # the --config.key=value parser of eval.py / demo.py
-  overrides = parse_overrides(extra)
+  args, cfgs = parse_command_line(ap, argv)
   if args._child:
-    print(json.dumps(run_one(args.config[0], args.per_device_batch, args.iters, overrides)))
+    print(json.dumps(run_one(cfgs[0], args.per_device_batch, args.iters)))
     return
   print(f"{'config':45s} {'canvas':>9s} {'dev x b':>7s} {'compile_s':>9s} {'step_s':>7s} "
         f"{'img/s':>6s} {'peak_MiB':>9s} backend")
   for config in args.config:
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--config", config,
            "--per_device_batch", str(args.per_device_batch), "--iters", str(args.iters),
-           *extra]
+           *args.config_argv]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
       print(f"{config}: FAILED\n{out.stderr[-3000:]}", flush=True)

@@ -138,17 +138,17 @@ def load_gt(shared, lite_hw, hws):
   return gt
 
 
-def run_child(key, mode, warmup, iters, shared, cache, overrides):
+def run_child(key, mode, warmup, iters, shared, cache, config_argv):
   import jax
   import jax.numpy as jnp
   import numpy as np
 
   from centermask_jax.checkpoints import official
-  from centermask_jax.config import load_config
+  from centermask_jax.config import config_or_exit
   from centermask_jax.models.centermask import CenterMask
 
   name, _, label = MODELS[key]
-  cfg = load_config(os.path.join(REPO, "configs", name + ".py"), overrides)
+  cfg = config_or_exit(os.path.join(REPO, "configs", name + ".py"), config_argv)
   model = CenterMask(cfg)
   template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
   template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
@@ -256,7 +256,7 @@ def calibrate(shared):
   return r
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -270,15 +270,16 @@ def main():
   ap.add_argument("--cache", default=os.path.join(os.path.dirname(REPO), "cache"))
   ap.add_argument("--json", help="write every row (with all times) to this file")
   ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
-  args, extra = ap.parse_known_args()
+  args, extra = ap.parse_known_args(argv)
   sys.path.insert(0, REPO)
-  from centermask_jax.config import parse_overrides  # the CLIs' --config.key=value parser
-  overrides = parse_overrides(extra)
+  from centermask_jax.config import config_or_exit  # --config.KEY=VALUE as every CLI
+  for key in args.models:  # a bad override fails here, before any run
+    config_or_exit(os.path.join(REPO, "configs", MODELS[key][0] + ".py"), extra)
   if args._child:
     key, mode = args._child
     iters = args.iters if mode.startswith("infer") else args.train_iters
     print(json.dumps(run_child(key, mode, args.warmup, iters, args.shared, args.cache,
-                               overrides)))
+                               extra)))
     return
 
   cal = [] if args.no_calibrate else [calibrate(args.shared)]

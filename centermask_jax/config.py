@@ -155,6 +155,27 @@ def mobilenetv2(c):
   return c
 
 
+def _parent(cfg, key: str):
+  """Dotted key -> (ConfigDict holding the leaf, leaf name); KeyError naming unknown keys."""
+  node = cfg
+  *parents, leaf = key.split(".")
+  for p in parents + [leaf]:
+    if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+      raise KeyError(f"unknown config key {key!r}")
+    parent, node = node, node[p]
+  return parent, leaf
+
+
+def _set(cfg, key: str, value):
+  parent, leaf = _parent(cfg, key)
+  setattr(parent, leaf, value)
+
+
+def _get(cfg, key: str):
+  parent, leaf = _parent(cfg, key)
+  return parent[leaf]
+
+
 def load_config(path: str, overrides=None) -> ml_collections.ConfigDict:
   """Loads `configs/NAME.py` (its get_config()) and applies {"a.b": value} overrides.
 
@@ -172,40 +193,109 @@ def load_config(path: str, overrides=None) -> ml_collections.ConfigDict:
     raise ValueError(f"{path} has no get_config()")
   cfg = module.get_config()
   for key, value in (overrides or {}).items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      if p not in node:
-        raise KeyError(f"unknown config key {key!r}")
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"unknown config key {key!r}")
-    setattr(node, leaf, value)
+    _set(cfg, key, value)
   return cfg
 
 
-def parse_overrides(extra):
-  """['--config.a.b=1', '--config.c', 'x'] -> {'a.b': 1, 'c': 'x'} (Python literals or str)."""
-  import ast
+# --- command line: the one implementation of `--config PATH` and `--config.KEY=VALUE` ---
+
+class ConfigError(ValueError):
+  """A bad --config file or --config.KEY=VALUE (one-line message)."""
+
+
+def parse_overrides(extra) -> dict:
+  """['--config.a.b=1', '--config.c', 'x'] -> {'a.b': '1', 'c': 'x'} (raw strings).
+
+  Anything else in `extra` raises ConfigError naming it."""
   out, i = {}, 0
   while i < len(extra):
     arg = extra[i]
     if not arg.startswith("--config."):
-      raise SystemExit(f"error: unrecognised argument {arg!r}")
+      raise ConfigError(f"unrecognised argument {arg!r}")
     key = arg[len("--config."):]
     if "=" in key:
       key, raw = key.split("=", 1)
     else:
       if i + 1 >= len(extra):
-        raise SystemExit(f"error: {arg} needs a value")
+        raise ConfigError(f"{arg} needs a value")
       i += 1
       raw = extra[i]
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    if isinstance(value, list):
-      value = tuple(value)
-    out[key] = value
+    out[key] = raw
     i += 1
   return out
+
+
+def coerce_value(current, raw: str):
+  """Command-line text -> a value of the type of the field's `current` value.
+
+  str fields take the text as is (a quoted Python string is unquoted); bool accepts
+  true/false/1/0; other fields take a Python literal (lists become tuples), falling back
+  to the text."""
+  import ast
+  if isinstance(current, str):
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+      try:
+        return str(ast.literal_eval(raw))
+      except (ValueError, SyntaxError):
+        pass
+    return raw
+  if isinstance(current, bool) and raw.lower() in ("true", "false", "1", "0"):
+    return raw.lower() in ("true", "1")
+  try:
+    value = ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+  return tuple(value) if isinstance(value, list) else value
+
+
+def config_from_args(path: str, extra) -> ml_collections.ConfigDict:
+  """configs/NAME.py + ['--config.KEY=VALUE', ...] -> config; ConfigError on any problem."""
+  try:
+    cfg = load_config(path)
+  except (FileNotFoundError, ValueError, SyntaxError) as e:
+    raise ConfigError(str(e)) from e
+  for key, raw in parse_overrides(extra).items():
+    try:
+      _set(cfg, key, coerce_value(_get(cfg, key), raw))
+    except KeyError as e:
+      raise ConfigError(e.args[0]) from e
+    except (TypeError, ValueError, AttributeError) as e:
+      raise ConfigError(f"--config.{key}={raw}: {e}") from e
+  return cfg
+
+
+def config_or_exit(path: str, extra):
+  """`config_from_args`, or one `error: ...` line on stderr and exit code 2."""
+  import sys
+  try:
+    return config_from_args(path, extra)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def add_config_argument(parser, multiple: bool = False, default=None):
+  """Adds `--config configs/NAME.py` (several with multiple=True) to an argparse parser;
+  `--config.KEY=VALUE` overrides are then read by `parse_command_line`."""
+  kw = dict(nargs="+") if multiple else {}
+  if default is None:
+    kw["required"] = True
+  else:
+    kw["default"] = default
+  parser.add_argument("--config", metavar="configs/NAME.py", help="config file(s); override "
+                      "any key with --config.KEY=VALUE", **kw)
+
+
+def parse_command_line(parser, argv=None):
+  """-> (args, config) (a list of configs when `--config` takes several).
+
+  Unknown arguments, a missing config file and a mistyped or ill-typed --config.KEY all
+  print one `error: ...` line to stderr and exit with code 2. args.config_argv keeps the
+  raw override arguments (to pass on to subprocesses)."""
+  args, extra = parser.parse_known_args(argv)
+  if isinstance(args.config, (list, tuple)):
+    cfg = [config_or_exit(p, extra) for p in args.config]
+  else:
+    cfg = config_or_exit(args.config, extra)
+  args.config_argv = list(extra)
+  return args, cfg

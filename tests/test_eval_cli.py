@@ -151,13 +151,6 @@ def test_eval_cli_zero_detections_give_ap_zero(data, checkpoint, tmp_path, capsy
   assert "Evaluation results for segm" in printed and "Per-category segm AP" in printed
 
 
-def test_eval_cli_rejects_unknown_config_key(checkpoint, tmp_path, capsys):
-  import eval as eval_cli
-  rc = eval_cli.main(["--config", CONFIG, "--checkpoint", str(checkpoint), "--workdir",
-                      str(tmp_path), "--config.model.no_such_key=1"])
-  assert rc == 2 and "no_such_key" in capsys.readouterr().err
-
-
 def test_eval_and_demo_refuse_a_model_dataset_class_mismatch(data, tiny_coco, checkpoint,
                                                              tmp_path, capsys):
   """A 5-class model on the 80-class dataset: one `error:` line naming both, exit 2, before

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from centermask_jax.config import load_config, parse_overrides
+from centermask_jax.config import add_config_argument, parse_command_line
 
 OUTPUTS = ("boxes", "scores", "classes", "mask_probs", "mask_scores", "valid")
 FORMATS = ("stablehlo", "onnx")
@@ -138,7 +138,7 @@ def parse_canvas(text: str) -> Tuple[int, int]:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=True)
+  add_config_argument(p)
   p.add_argument("--checkpoint", required=True, help="checkpoint dir, train workdir or .pth/.pkl")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--format", nargs="+", default=["stablehlo"], choices=FORMATS)
@@ -149,9 +149,8 @@ def main(argv=None):
   p.add_argument("--data_dir", "--data-dir", default=None,
                  help="with --dataset: class names from this prepared dataset")
   p.add_argument("--dataset", default=None)
-  args, extra = p.parse_known_args(argv)
+  args, cfg = parse_command_line(p, argv)
   try:
-    cfg = load_config(args.config, parse_overrides(extra))
     canvases = ([parse_canvas(c) for c in args.canvas] if args.canvas
                 else default_canvases(cfg))
     if args.batch < 1:

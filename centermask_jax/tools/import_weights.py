@@ -13,17 +13,17 @@ import jax
 import numpy as np
 
 from centermask_jax.checkpoints import classes, io, official
-from centermask_jax.config import load_config
+from centermask_jax.config import add_config_argument, parse_command_line
 from centermask_jax.models.centermask import CenterMask, count_values
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", required=True)
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_config_argument(ap)
   ap.add_argument("--weights", required=True, help=".pth (centermask2) or .pkl (detectron2)")
   ap.add_argument("--out", required=True, help="new output directory")
-  args = ap.parse_args(argv)
-  cfg = load_config(args.config)
+  args, cfg = parse_command_line(ap, argv)
   model = CenterMask(cfg)
   template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype),
                                     jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0))))

@@ -32,7 +32,7 @@ os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from centermask_jax.config import load_config  # noqa: E402
+from centermask_jax.config import add_config_argument, load_config, parse_command_line  # noqa: E402,E501
 from centermask_jax.checkpoints import official  # noqa: E402
 from centermask_jax.models.centermask import CenterMask  # noqa: E402
 from centermask_jax.ops import fcos_postprocess, postprocess  # noqa: E402
@@ -252,8 +252,9 @@ def fixture_weights(fixture: str, weights: Optional[str] = None,
   return path
 
 
-def load_model(config_path: str, fixture: str, weights: Optional[str] = None):
-  cfg = load_config(config_path)
+def load_model(config, fixture: str, weights: Optional[str] = None):
+  """config: a configs/NAME.py path or a loaded config."""
+  cfg = load_config(config) if isinstance(config, (str, os.PathLike)) else config
   model = CenterMask(cfg)
   template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
   template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
@@ -301,11 +302,11 @@ def fixture_images(inp, canvas: Optional[tuple] = None):
   return images, image_hw, orig_hw, padded_hw
 
 
-def run(config_path: str, fixture: str, canvas: Optional[tuple] = None,
+def run(config, fixture: str, canvas: Optional[tuple] = None,
         train: bool = False, weights: Optional[str] = None) -> Report:
   """Inference stages (eval_outputs / given_boxes_outputs) or, with `train`, the
   training stages of train_outputs.npz (`parity_train.run_train`)."""
-  cfg, model, variables = load_model(config_path, fixture, weights)
+  cfg, model, variables = load_model(config, fixture, weights)
   inp = np.load(os.path.join(fixture, "inputs.npz"))
   images, image_hw, orig_hw, padded_hw = fixture_images(inp, canvas)
   n, ch, cw, _ = images.shape
@@ -501,8 +502,9 @@ def parse_hw(s: Optional[str]):
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", required=True, help="configs/NAME.py")
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_config_argument(ap)
   ap.add_argument("--fixture", required=True, help="fixture folder (inputs.npz, eval_outputs.npz, ...)")
   ap.add_argument("--canvas", default=None, help="run on a larger canvas H,W (e.g. 640,1024)")
   ap.add_argument("--weights", default=None,
@@ -510,8 +512,8 @@ def main(argv=None) -> int:
                        f"make_weights.py (default {DEFAULT_CACHE}) when the folder has none")
   ap.add_argument("--train", action="store_true",
                   help="compare the training targets and losses with train_outputs.npz")
-  args = ap.parse_args(argv)
-  rep = run(args.config, args.fixture, parse_hw(args.canvas), train=args.train,
+  args, cfg = parse_command_line(ap, argv)
+  rep = run(cfg, args.fixture, parse_hw(args.canvas), train=args.train,
             weights=args.weights)
   failed = rep.failed
   print(f"parity stages: {len(rep.lines) - len(failed)} PASS, {len(failed)} FAIL")

@@ -1,0 +1,118 @@
+"""One command line for every entry point: `--config PATH` and `--config.KEY=VALUE`
+through `centermask_jax.config.parse_command_line`; a mistyped key fails the same way."""
+import argparse
+import importlib
+import importlib.util
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from centermask_jax import config as C
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py")
+
+# entry point -> its arguments besides the bad key (never used: the config error comes first)
+ENTRY_POINTS = {
+    "train.py": ["--config", CONFIG, "--workdir", "unused"],
+    "eval.py": ["--config", CONFIG, "--checkpoint", "unused", "--workdir", "unused"],
+    "demo.py": ["--config", CONFIG, "--checkpoint", "unused", "--input", "unused", "--output",
+                "unused"],
+    "centermask_jax.tools.parity": ["--config", CONFIG, "--fixture", "unused"],
+    "centermask_jax.tools.import_weights": ["--config", CONFIG, "--weights", "unused", "--out",
+                                            "unused"],
+    "centermask_jax.tools.export": ["--config", CONFIG, "--checkpoint", "unused", "--out",
+                                    "unused"],
+    "benchmarks/train_step.py": ["--config", CONFIG],
+    "benchmarks/inference.py": ["--config", CONFIG],
+    "benchmarks/eval_throughput.py": ["--config", CONFIG],
+    "benchmarks/vs_reference.py": ["--models", "v19dw"],  # its configs are fixed per model
+}
+
+
+def _main(entry):
+  if not entry.endswith(".py"):
+    return importlib.import_module(entry).main
+  name = "cli_" + entry.replace("/", "_")[:-3]
+  spec = importlib.util.spec_from_file_location(name, REPO / entry)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.main
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_mistyped_key_fails_the_same_way_everywhere(entry, capsys):
+  main = _main(entry)
+  with pytest.raises(SystemExit) as e:
+    main([*ENTRY_POINTS[entry], "--config.model.no_such_key=3"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ["error: unknown config key 'model.no_such_key'"], (entry, err)
+
+
+def test_script_exits_2_with_one_error_line():
+  out = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", CONFIG,
+                        "--workdir", "unused", "--config.train.no_such_key", "1"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines() == ["error: unknown config key 'train.no_such_key'"]
+
+
+def _parse(argv, multiple=False):
+  p = argparse.ArgumentParser()
+  C.add_config_argument(p, multiple=multiple)
+  p.add_argument("--other", type=int, default=0)
+  return C.parse_command_line(p, argv)
+
+
+def test_values_take_the_type_of_the_field():
+  args, cfg = _parse(["--config", CONFIG, "--other", "4", "--config.train.bf16=true",
+                      "--config.data.name=123", "--config.input.canvas_train=[640, 1024]",
+                      "--config.optim.base_lr", "0.02", "--config.optim.max_iter=7",
+                      "--config.weights=", "--config.data.data_dir='/d'"])
+  assert args.other == 4
+  assert cfg.train.bf16 is True and cfg.data.name == "123" and cfg.weights == ""
+  assert cfg.data.data_dir == "/d"
+  assert cfg.input.canvas_train == (640, 1024) and cfg.optim.base_lr == 0.02
+  assert cfg.optim.max_iter == 7
+  assert args.config_argv[0] == "--config.train.bf16=true"
+  base = C.load_config(CONFIG)
+  assert base.train.bf16 is False and base.optim.max_iter != 7  # overrides really applied
+  args, cfgs = _parse(["--config", CONFIG, CONFIG, "--config.optim.max_iter=9"], multiple=True)
+  assert [c.optim.max_iter for c in cfgs] == [9, 9]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--config.optim.max_iter=abc"], "error: --config.optim.max_iter=abc: "),
+    (["--config.train.bf16=maybe"], "error: --config.train.bf16=maybe: "),
+    (["--bogus", "1"], "error: unrecognised argument '--bogus'"),
+    (["--config.optim.max_iter"], "error: --config.optim.max_iter needs a value"),
+    (["--config.model"], "error: --config.model needs a value"),
+    (["--config.model.fcos=1"], "error: --config.model.fcos=1: "),
+])
+def test_bad_command_lines_give_one_error_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    _parse(["--config", CONFIG, *argv])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(message), err
+
+
+def test_missing_config_file(capsys):
+  with pytest.raises(SystemExit) as e:
+    _parse(["--config", "configs/no_such_config.py"])
+  assert e.value.code == 2
+  assert capsys.readouterr().err.strip() == \
+      "error: config file not found: configs/no_such_config.py"
+
+
+def test_no_module_imports_a_top_level_script():
+  scripts = {p.stem for p in REPO.glob("*.py")}
+  for path in list((REPO / "centermask_jax").rglob("*.py")) + list(
+      (REPO / "benchmarks").glob("*.py")) + list(REPO.glob("*.py")):
+    for line in path.read_text().splitlines():
+      words = line.split()
+      if len(words) >= 2 and words[0] in ("import", "from") and words[1] in scripts:
+        pytest.fail(f"{path.relative_to(REPO)} imports the script {words[1]!r}: {line}")
