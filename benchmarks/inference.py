@@ -7,6 +7,13 @@ Each (config, size, batch) runs in a fresh subprocess so peak RSS is its own. We
 are random (spec init); the timed function is the full jitted `predict` (backbone,
 FPN, FCOS + NMS, RoIAlign, mask and MaskIoU heads) on a canvas of the given size.
 Runs on whatever JAX backend is present (CPU here, GPU/TPU where available).
+
+  python benchmarks/inference.py --config configs/NAME.py --predictor --batch 1 4 8 \
+      [--images 16] [--image-size 480x640]
+
+instead times the batched `Predictor` end to end (preprocessing, predict, detector
+post-processing, mask paste) on a list of random uint8 images: images/s per batch size,
+after a first (compiling) pass over the same list.
 """
 import argparse
 import json
@@ -45,6 +52,29 @@ def run_one(cfg, h, w, batch, iters):
               peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
 
 
+def run_predictor(cfg, batch, n_images, h, w):
+  import jax
+  import numpy as np
+
+  from centermask_jax.models.centermask import CenterMask
+  from centermask_jax.predictor import Predictor
+
+  model = CenterMask(cfg)
+  pred = Predictor(cfg, model.init(jax.random.PRNGKey(0)), model)
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n_images)]
+  t0 = time.perf_counter()
+  pred(images, batch_size=batch)  # compiles (canvas, batch) and the paste
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  pred(images, batch_size=batch)
+  dt = time.perf_counter() - t0
+  return dict(config=cfg.name, size=f"{h}x{w}", batch=batch, images=n_images,
+              backend=jax.default_backend(), first_pass_s=round(first_s, 2),
+              images_per_s=round(n_images / dt, 2),
+              peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+
+
 def main(argv=None):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from centermask_jax.config import add_config_argument, parse_command_line
@@ -54,8 +84,14 @@ def main(argv=None):
   ap.add_argument("--size", nargs="+", default=["608x928"], help="canvas HxW (multiples of 32)")
   ap.add_argument("--batch", nargs="+", type=int, default=[1, 2])
   ap.add_argument("--iters", type=int, default=10)
+  ap.add_argument("--predictor", action="store_true",
+                  help="time the batched Predictor on a list of images instead")
+  ap.add_argument("--images", type=int, default=16, help="--predictor: list length")
+  ap.add_argument("--image-size", default="480x640", help="--predictor: image HxW")
   ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
   args, cfgs = parse_command_line(ap, argv)
+  if args.predictor:
+    return predictor_main(args, cfgs)
   if args._child:
     h, w = (int(v) for v in args.size[0].split("x"))
     print(json.dumps(run_one(cfgs[0], h, w, args.batch[0], args.iters)))
@@ -76,6 +112,27 @@ def main(argv=None):
         print(f"{r['config']:45s} {r['size']:>9s} {r['batch']:5d} {r['compile_s']:9.2f} "
               f"{r['median_latency_s']:9.3f} {r['images_per_s']:7.2f} {r['peak_rss_mib']:12.1f} "
               f"{r['backend']} ({r['device']})", flush=True)
+
+
+def predictor_main(args, cfgs):
+  h, w = (int(v) for v in args.image_size.split("x"))
+  if args._child:
+    print(json.dumps(run_predictor(cfgs[0], args.batch[0], args.images, h, w)))
+    return
+  print(f"{'config':45s} {'image':>9s} {'batch':>5s} {'first_pass_s':>12s} {'img/s':>7s} "
+        f"{'peak_rss_MiB':>12s} backend  (Predictor, {args.images} images)")
+  for config in args.config:
+    for batch in args.batch:
+      cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--predictor", "--config",
+             config, "--batch", str(batch), "--images", str(args.images), "--image-size",
+             args.image_size, *args.config_argv]
+      out = subprocess.run(cmd, capture_output=True, text=True)
+      if out.returncode:
+        print(f"{config} batch {batch}: FAILED\n{out.stderr[-2000:]}")
+        continue
+      r = json.loads(out.stdout.strip().splitlines()[-1])
+      print(f"{r['config']:45s} {r['size']:>9s} {r['batch']:5d} {r['first_pass_s']:12.2f} "
+            f"{r['images_per_s']:7.2f} {r['peak_rss_mib']:12.1f} {r['backend']}", flush=True)
 
 
 if __name__ == "__main__":

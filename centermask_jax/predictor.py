@@ -7,7 +7,7 @@ compile serves every image of that group), official padding = ceil(resized / 32)
 `preprocess` and `image_instances` do not need the model modules (the StableHLO runner
 `centermask_jax.serving` uses them); `CenterMask` is imported only to build a default model.
 """
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import jax
 import numpy as np
@@ -46,7 +46,8 @@ def preprocess(image_rgb: np.ndarray, config, canvas=None):
 
 
 class Predictor:
-  """predictor = Predictor(config, variables); out = predictor(image_rgb_uint8)."""
+  """predictor = Predictor(config, variables); out = predictor(image_rgb_uint8);
+  outs = predictor([img, ...], batch_size=4) (batched per canvas bucket)."""
 
   def __init__(self, config, variables, model=None):
     if model is None:
@@ -57,17 +58,44 @@ class Predictor:
     self.variables = jax.device_put(variables)
     self._predict = jax.jit(self.model.predict)
 
-  def __call__(self, image_rgb: np.ndarray) -> Dict[str, np.ndarray]:
-    """-> boxes [K, 4] (original xyxy px), scores, classes, masks bool [K, H0, W0],
-    mask_scores; K = valid detections, score-descending."""
-    h0, w0 = image_rgb.shape[:2]
-    x, hw, padded = preprocess(image_rgb, self.config)
-    out = jax.device_get(self._predict(self.variables, x[None], hw[None], padded[None]))
-    res = image_instances(out["boxes"][0], out["scores"][0], out["classes"][0],
-                          out["mask_probs"][0], out["mask_scores"][0], out["valid"][0],
-                          hw, (h0, w0), self.config.model.mask_head.mask_threshold)
-    res.pop("src")
-    return res
+  def __call__(self, image_rgb, batch_size: Optional[int] = None):
+    """One RGB uint8 image [H0, W0, 3] -> dict: boxes [K, 4] (original xyxy px), scores,
+    classes, masks bool [K, H0, W0], mask_scores; K = valid detections, score-descending.
+    A list of images -> a list of such dicts (in order), run `predict_batch`."""
+    if isinstance(image_rgb, (list, tuple)):
+      return self.predict_batch(image_rgb, batch_size or 4)
+    return self.predict_batch([image_rgb], 1)[0]
+
+  def predict_batch(self, images_rgb: Sequence[np.ndarray], batch_size: int = 4):
+    """RGB uint8 images -> list of instance dicts (as __call__), in input order.
+
+    Images are grouped by canvas bucket and run `batch_size` at a time; a short last
+    batch is filled with empty 32x32 dummy images, so each (canvas, batch_size) compiles
+    once."""
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    prep = [preprocess(img, self.config) for img in images_rgb]
+    groups: Dict[tuple, List[int]] = {}
+    for i, (x, _, _) in enumerate(prep):
+      groups.setdefault(x.shape, []).append(i)
+    thr = self.config.model.mask_head.mask_threshold
+    results: List[Optional[Dict[str, np.ndarray]]] = [None] * len(prep)
+    for shape, idx in groups.items():
+      for start in range(0, len(idx), batch_size):
+        chunk = idx[start:start + batch_size]
+        x = np.zeros((batch_size, *shape), prep[chunk[0]][0].dtype)
+        hw = np.full((batch_size, 2), 32, np.int32)
+        padded = np.full((batch_size, 2), 32, np.int32)
+        for j, i in enumerate(chunk):
+          x[j], hw[j], padded[j] = prep[i]
+        out = jax.device_get(self._predict(self.variables, x, hw, padded))
+        for j, i in enumerate(chunk):
+          res = image_instances(out["boxes"][j], out["scores"][j], out["classes"][j],
+                                out["mask_probs"][j], out["mask_scores"][j], out["valid"][j],
+                                hw[j], images_rgb[i].shape[:2], thr)
+          res.pop("src")
+          results[i] = res
+    return results
 
 
 def image_instances(boxes, scores, classes, mask_probs, mask_scores, valid, image_hw, orig_hw,
