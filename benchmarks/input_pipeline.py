@@ -17,7 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from centermask_jax import config as cfg_lib  # noqa: E402
-from centermask_jax.data import pipeline, prepare, synthetic  # noqa: E402
+from centermask_jax.data import pipeline, prepare  # noqa: E402
 
 TINY = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"
 
@@ -39,7 +39,7 @@ def main():
           data_dir, quiet=True)
       name = "tiny"
     else:
-      synthetic.prepare(data_dir, seed=0, quiet=True)
+      prepare.prepare_synthetic(data_dir, seed=0, quiet=True)
       name = "synthetic"
   print(f"dataset={name} cpus={os.cpu_count()} batch={a.devices}x{a.per_device_batch}")
   for label, make in (("lite", lambda c: cfg_lib.lite(c)), ("full", lambda c: c)):

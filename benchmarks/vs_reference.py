@@ -146,6 +146,7 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv):
   from centermask_jax.checkpoints import official
   from centermask_jax.config import config_or_exit
   from centermask_jax.models.centermask import CenterMask
+  from centermask_jax.ops import padding
 
   name, _, label = MODELS[key]
   cfg = config_or_exit(os.path.join(REPO, "configs", name + ".py"), config_argv)
@@ -156,7 +157,8 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv):
   imgs = load_images(cfg, shared)
   sel = {"infer_b1_img0": [0], "infer_b1_img1": [1]}.get(mode, [0, 1])
   div = cfg.input.size_divisibility
-  padded = tuple(max(-(-imgs[i][1][a] // div) * div for i in sel) for a in range(2))
+  padded = tuple(max(int(padding.official_padded_hw(imgs[i][1][a], div)) for i in sel)
+                 for a in range(2))
   assert padded == REFERENCE[(key, mode)][3], (padded, REFERENCE[(key, mode)][3])
   n = len(sel)
   image_hw = np.asarray([imgs[i][1] for i in sel], np.int32)

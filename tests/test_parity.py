@@ -159,14 +159,14 @@ def test_candidate_sets_match_by_class_then_nearest_box(capsys):
   ref = {"boxes": rb, "scores": rs, "classes": rc}
   ours = {"boxes": rb[perm] + 1e-4, "scores": rs[perm], "classes": rc[perm],
           "valid": np.ones(40, bool)}
-  rep = parity.Report()
-  parity.compare_candidate_set(rep, "a", ours, ref)
+  rep = parity_report.Report()
+  parity_report.compare_candidate_set(rep, "a", ours, ref)
   assert not rep.failed
   ours["boxes"] = ours["boxes"].copy()
   ours["boxes"][3] += 50.0
   ours["boxes"][5, 0] += 2e-3
-  rep = parity.Report()
-  parity.compare_candidate_set(rep, "b", ours, ref)
+  rep = parity_report.Report()
+  parity_report.compare_candidate_set(rep, "b", ours, ref)
   failed = {l.stage: l for l in rep.failed}
   assert set(failed) == {"b_classes", "b_boxes"}
   assert "extra (ours only) 1: #3 " in failed["b_classes"].note

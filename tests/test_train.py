@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from centermask_jax import parallel
+from centermask_jax.checkpoints import workdir as ckpt_workdir
 from centermask_jax.config import base_config, lite, vovnet
 from centermask_jax.models.centermask import CenterMask
 from centermask_jax.training import optimizer as O
@@ -168,6 +169,10 @@ def test_resume_is_exact_and_no_recompile(setup, tmp_path):
   p0 = jax.tree_util.tree_leaves(setup[2]["params"])
   p6 = jax.tree_util.tree_leaves(full["state"]["params"])
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(p0, p6)) > 1e-6
+  # eval.py / Predictor read the latest variables of a train workdir (checkpoints/workdir)
+  got = ckpt_workdir.load_latest_variables(str(tmp_path / "a"), setup[2])
+  for x, y in zip(jax.tree_util.tree_leaves(got["params"]), p6):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_step_does_not_recompile(setup):

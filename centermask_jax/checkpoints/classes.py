@@ -77,8 +77,8 @@ def read(path: str) -> Optional[ClassInfo]:
   if os.path.isfile(direct):
     with open(direct) as f:
       return ClassInfo.from_json(json.load(f))
-  from centermask_jax.training import checkpointing  # a train.py workdir
-  meta = checkpointing.read_latest_meta(path)
+  from centermask_jax.checkpoints import workdir  # a train.py workdir
+  meta = workdir.read_latest_meta(path)
   if meta and meta.get("classes"):
     return ClassInfo.from_json(meta["classes"])
   return None

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from centermask_jax.checkpoints import official
+from centermask_jax.checkpoints import official, workdir
 
 VARIABLES = "variables"
 
@@ -45,18 +45,7 @@ def load_variables(directory: str, template):
   if not os.path.isdir(target):
     raise FileNotFoundError(f"no '{VARIABLES}' checkpoint in {directory}")
   restored = ocp.StandardCheckpointer().restore(target)
-  return _strict_like(template, restored, source=target)
-
-
-def _strict_like(template, restored, source):
-  """Checks `restored` has exactly the keys/shapes of `template` (named errors)."""
-  want = official.expected_keys(template)
-  got = official.expected_keys(restored)
-  official.raise_if_mismatch(
-      source, sorted(set(want) - set(got)), sorted(set(got) - set(want)),
-      [f"{k}: checkpoint {got[k]} vs model {want[k]}"
-       for k in sorted(set(want) & set(got)) if want[k] != got[k]])
-  return jax.tree_util.tree_map(lambda t, r: np.asarray(r, t.dtype), template, restored)
+  return official.strict_like(template, restored, source=target)
 
 
 def load_model_variables(path: str, model, rng_seed: int = 0):
@@ -67,8 +56,7 @@ def load_model_variables(path: str, model, rng_seed: int = 0):
     return official.import_checkpoint(template, path)
   if os.path.isdir(os.path.join(path, VARIABLES)):
     return load_variables(path, template)
-  from centermask_jax.training import checkpointing  # train.py workdirs
-  return checkpointing.load_latest_variables(path, template)
+  return workdir.load_latest_variables(path, template)
 
 
 def read_config_json(directory: str):

@@ -259,6 +259,18 @@ def raise_if_mismatch(source: str, missing, unexpected, bad_shapes):
   raise CheckpointMismatchError("\n".join(lines))
 
 
+def strict_like(template, restored, source: str):
+  """`restored` cast to `template`'s dtypes after checking it has exactly its keys and
+  shapes (CheckpointMismatchError naming every difference)."""
+  want = expected_keys(template)
+  got = expected_keys(restored)
+  raise_if_mismatch(
+      source, sorted(set(want) - set(got)), sorted(set(got) - set(want)),
+      [f"{k}: checkpoint {got[k]} vs model {want[k]}"
+       for k in sorted(set(want) & set(got)) if want[k] != got[k]])
+  return jax.tree_util.tree_map(lambda t, r: np.asarray(r, t.dtype), template, restored)
+
+
 def load_into(variables, state_dict: Dict[str, np.ndarray], *, prefixes: Optional[Iterable[str]] = None,
               source: str = "checkpoint"):
   """Returns a copy of `variables` with every leaf replaced from `state_dict`.

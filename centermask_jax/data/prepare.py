@@ -109,6 +109,16 @@ def build_dataset(name: str, splits: Sequence[Tuple[str, str, str]], data_dir: s
   return stats
 
 
+def prepare_synthetic(data_dir: str, name: str = SYNTHETIC_NAME, seed: int = 0,
+                      num_train: int = 400, num_val: int = 100, quiet: bool = False):
+  """Generates the built-in synthetic images under data_dir/synthetic_src/ and builds
+  dataset NAME -> stats."""
+  from centermask_jax.data import synthetic
+  src = os.path.join(os.path.expanduser(data_dir), "synthetic_src", f"seed{seed}")
+  splits = synthetic.generate(src, seed, num_train, num_val)
+  return build_dataset(name, splits, data_dir, quiet=quiet)
+
+
 def stats_image_ids(builder, split):
   """Ids of the images stored in a split (reads only the small fields)."""
   import tensorflow_datasets as tfds
@@ -147,9 +157,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   tfds.disable_progress_bar()
   try:
     if a.synthetic or a.name == SYNTHETIC_NAME and not (a.train_json or a.coco_dir):
-      from centermask_jax.data import synthetic
       kw = {k: v for k, v in (("num_train", a.num_train), ("num_val", a.num_val)) if v}
-      synthetic.prepare(a.data_dir, name=a.name or SYNTHETIC_NAME, seed=a.seed, **kw)
+      prepare_synthetic(a.data_dir, name=a.name or SYNTHETIC_NAME, seed=a.seed, **kw)
       return 0
     if not a.name:
       p.error("--name is required")

@@ -199,11 +199,3 @@ def generate(out_dir: str, seed: int = 0, num_train: int = 400, num_val: int = 1
     out.append((split, js, os.path.join(out_dir, split)))
   return tuple(out)
 
-
-def prepare(data_dir: str, name: str = "synthetic", seed: int = 0, num_train: int = 400,
-            num_val: int = 100, quiet: bool = False):
-  """Generates the images under data_dir/synthetic_src/ and builds dataset NAME -> stats."""
-  from centermask_jax.data import prepare as prep
-  src = os.path.join(os.path.expanduser(data_dir), "synthetic_src", f"seed{seed}")
-  splits = generate(src, seed, num_train, num_val)
-  return prep.build_dataset(name, splits, data_dir, quiet=quiet)

@@ -15,177 +15,28 @@ test those steps free of the float32 noise our dense maps carry.
 (see `parity_train`).
 """
 import argparse
-import dataclasses
 import functools
 import json
 import os
 import re
 import subprocess
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-# Parity is a float32 exactness check: use full-precision matmuls on every backend.
-os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from centermask_jax.config import add_config_argument, load_config, parse_command_line  # noqa: E402,E501
-from centermask_jax.checkpoints import official  # noqa: E402
-from centermask_jax.models.centermask import CenterMask  # noqa: E402
-from centermask_jax.ops import fcos_postprocess, postprocess  # noqa: E402
-from centermask_jax.predictor import image_instances  # noqa: E402
+from centermask_jax.checkpoints import official
+from centermask_jax.config import add_config_argument, load_config, parse_command_line
+from centermask_jax.models.centermask import CenterMask
+from centermask_jax.ops import fcos_postprocess, postprocess
+from centermask_jax.predictor import image_instances
+from centermask_jax.tools import parity_train
+from centermask_jax.tools.parity_report import (Line, Report, compare_candidate_set,
+                                                compare_final, nchw)
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
-# Pasted-mask tolerance: pixels whose interpolated value sits at the 0.5 threshold may
-# flip between float implementations (fixtures README §7).
-MAX_FLIPPED_PIXELS_PER_INSTANCE = 8
-
-
-@dataclasses.dataclass
-class Line:
-  stage: str
-  err: float
-  rel: float
-  tol: str
-  ok: bool
-  note: str = ""
-
-  def __str__(self):
-    status = "PASS" if self.ok else "FAIL"
-    return (f"{status}  {self.stage:42s} max_abs={self.err:.3g} max_rel={self.rel:.3g} "
-            f"tol={self.tol}{'  ' + self.note if self.note else ''}")
-
-
-class Report:
-  def __init__(self):
-    self.lines: List[Line] = []
-
-  def add(self, line: Line):
-    self.lines.append(line)
-    print(line, flush=True)
-
-  def close(self, stage, ours, ref, atol, rtol_of_max=None, note=""):
-    """|ours - ref| <= atol (+ rtol_of_max * max|ref|) elementwise."""
-    ours = np.asarray(ours, np.float64)
-    ref = np.asarray(ref, np.float64)
-    if ours.shape != ref.shape:
-      self.add(Line(stage, np.inf, np.inf, "shape", False, f"shape {ours.shape} vs {ref.shape}"))
-      return
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    tol = atol + (rtol_of_max or 0.0) * scale
-    err = float(np.abs(ours - ref).max()) if ref.size else 0.0
-    tol_s = f"{tol:.3g}" if rtol_of_max is None else f"{rtol_of_max:g}*max|x|={tol:.3g}"
-    self.add(Line(stage, err, err / scale if scale else err, tol_s, bool(err <= tol), note))
-
-  def exact(self, stage, ours, ref):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    ok = ours.shape == ref.shape and bool(np.all(ours == ref))
-    n = int(np.sum(ours != ref)) if ours.shape == ref.shape else -1
-    self.add(Line(stage, float(n), 0.0, "exact", ok,
-                  "" if ok else f"{n} differ" if n >= 0 else f"shape {ours.shape} vs {ref.shape}"))
-
-  @property
-  def failed(self):
-    return [l for l in self.lines if not l.ok]
-
-
-def _nchw(x):
-  return np.asarray(x).transpose(0, 3, 1, 2)
-
-
-# A candidate of ours and one of the reference are the same row when they have the same
-# class and their boxes agree within this gate (px, max over coordinates); rows beyond it
-# are reported as extra / missing. Their numeric agreement is then checked at the
-# README §7 tolerances (boxes 1e-3 px, scores 1e-5).
-MATCH_GATE_PX = 1.0
-
-
-def match_sets(ob, os_, oc, rb, rs, rc, gate: float = MATCH_GATE_PX):
-  """Matches two candidate sets row to row: same class, then nearest box (greedy on the
-  max-coordinate box distance, then score distance). Near-equal keys make any canonical
-  order unstable (fixtures README §7), a matching is not.
-
-  ob [n, 4], os_ [n], oc [n] (ours); rb [m, 4], rs [m], rc [m] (reference)
-  -> (oi [k], ri [k] matched row indices, extra [n - k] ours unmatched, missing [m - k]).
-  """
-  oi, ri = [], []
-  ob, rb = np.asarray(ob, np.float64), np.asarray(rb, np.float64)
-  os_, rs = np.asarray(os_, np.float64), np.asarray(rs, np.float64)
-  oc, rc = np.asarray(oc), np.asarray(rc)
-  for c in np.union1d(oc, rc):
-    a, b = np.nonzero(oc == c)[0], np.nonzero(rc == c)[0]
-    if not len(a) or not len(b):
-      continue
-    d = np.abs(ob[a][:, None] - rb[b][None]).max(-1)
-    ds = np.abs(os_[a][:, None] - rs[b][None])
-    pa, pb = np.nonzero(d <= gate)
-    order = np.lexsort((ds[pa, pb], d[pa, pb]))
-    used_a, used_b = set(), set()
-    for t in order:
-      x, y = pa[t], pb[t]
-      if x in used_a or y in used_b:
-        continue
-      used_a.add(x)
-      used_b.add(y)
-      oi.append(a[x])
-      ri.append(b[y])
-  oi, ri = np.asarray(oi, np.int64), np.asarray(ri, np.int64)
-  extra = np.setdiff1d(np.arange(len(oc)), oi)
-  missing = np.setdiff1d(np.arange(len(rc)), ri)
-  return oi, ri, extra, missing
-
-
-def _rows(boxes, scores, classes, idx, limit=3):
-  s = "; ".join(f"#{i} cls {int(classes[i])} score {float(scores[i]):.6g} box "
-                f"[{', '.join(f'{v:.2f}' for v in boxes[i])}]" for i in idx[:limit])
-  return s + (f"; ... {len(idx) - limit} more" if len(idx) > limit else "")
-
-
-def compare_candidate_set(rep: Report, tag, ours: Dict[str, np.ndarray], ref: Dict[str, np.ndarray]):
-  """Pre-/post-NMS candidate sets (order is implementation-defined): matched as sets by
-  class, then nearest box. Lines: `_count`, `_classes` (every row matched, extra and
-  missing rows named), `_boxes` and `_scores` over the matched rows."""
-  v = np.asarray(ours["valid"], bool)
-  o = {k: np.asarray(ours[k])[v] for k in ("boxes", "scores", "classes")}
-  r = {k: np.asarray(ref[k]) for k in ("boxes", "scores", "classes")}
-  no, nr = len(o["scores"]), len(r["scores"])
-  rep.add(Line(f"{tag}_count", float(abs(no - nr)), 0.0, "exact", no == nr,
-               "" if no == nr else f"{no} vs {nr}"))
-  oi, ri, extra, missing = match_sets(o["boxes"], o["scores"], o["classes"],
-                                      r["boxes"], r["scores"], r["classes"])
-  note = []
-  if len(extra):
-    note.append(f"extra (ours only) {len(extra)}: " + _rows(o["boxes"], o["scores"], o["classes"], extra))
-  if len(missing):
-    note.append(f"missing (reference only) {len(missing)}: " +
-                _rows(r["boxes"], r["scores"], r["classes"], missing))
-  ok = not len(extra) and not len(missing)
-  rep.add(Line(f"{tag}_classes", float(len(extra) + len(missing)), 0.0,
-               f"matched by class + box <= {MATCH_GATE_PX:g} px", ok,
-               " | ".join(note) or f"{len(oi)} rows matched"))
-  rep.close(f"{tag}_boxes", o["boxes"][oi], r["boxes"][ri], atol=1e-3)
-  rep.close(f"{tag}_scores", o["scores"][oi], r["scores"][ri], atol=1e-5)
-
-
-def compare_final(rep: Report, tag, boxes, scores, classes, mask_scores, masks, ref, prefix):
-  rep.close(f"{tag}_boxes", boxes, ref[f"{prefix}_boxes"], atol=1e-3)
-  rep.close(f"{tag}_scores", scores, ref[f"{prefix}_scores"], atol=1e-5)
-  rep.exact(f"{tag}_classes", classes, ref[f"{prefix}_classes"])
-  rep.close(f"{tag}_mask_scores", mask_scores, ref[f"{prefix}_mask_scores"], atol=1e-5,
-            rtol_of_max=1e-5)
-  shape = tuple(ref[f"{prefix}_masks_shape"])
-  ref_masks = np.unpackbits(ref[f"{prefix}_masks_packed"], axis=-1)[..., :shape[2]].astype(bool)
-  if masks.shape != ref_masks.shape:
-    rep.add(Line(f"{tag}_masks", np.inf, np.inf, "shape", False, f"{masks.shape} vs {ref_masks.shape}"))
-    return
-  flips = np.sum(masks != ref_masks, axis=(1, 2))
-  rep.add(Line(f"{tag}_masks_flipped_pixels", float(flips.max(initial=0)), 0.0,
-               f"<={MAX_FLIPPED_PIXELS_PER_INSTANCE}/instance",
-               bool(flips.max(initial=0) <= MAX_FLIPPED_PIXELS_PER_INSTANCE),
-               f"total {int(flips.sum())} of {ref_masks.sum()} fg pixels"))
 
 
 WEIGHTS_NAME = "model_random_fp16.pth"
@@ -305,14 +156,22 @@ def fixture_images(inp, canvas: Optional[tuple] = None):
 def run(config, fixture: str, canvas: Optional[tuple] = None,
         train: bool = False, weights: Optional[str] = None) -> Report:
   """Inference stages (eval_outputs / given_boxes_outputs) or, with `train`, the
-  training stages of train_outputs.npz (`parity_train.run_train`)."""
+  training stages of train_outputs.npz (`parity_train.run_train`).
+
+  Parity is a float32 exactness check: matmuls run at full precision on every backend
+  (set for this call only)."""
+  with jax.default_matmul_precision("highest"):
+    return _run(config, fixture, canvas, train, weights)
+
+
+def _run(config, fixture: str, canvas: Optional[tuple], train: bool,
+         weights: Optional[str]) -> Report:
   cfg, model, variables = load_model(config, fixture, weights)
   inp = np.load(os.path.join(fixture, "inputs.npz"))
   images, image_hw, orig_hw, padded_hw = fixture_images(inp, canvas)
   n, ch, cw, _ = images.shape
   hp, wp = (int(v) for v in padded_hw[0])
   if train:
-    from centermask_jax.tools import parity_train
     rep = Report()
     print(f"config={cfg.name} fixture={fixture} images={n} padded={hp}x{wp} canvas={ch}x{cw} "
           "mode=train")
@@ -351,7 +210,7 @@ def run(config, fixture: str, canvas: Optional[tuple] = None,
                    missing_taps.get(name, "stage not produced by our model")))
       continue
     ref = ev[name]
-    ours = _nchw(dense[name])[:, :, :ref.shape[2], :ref.shape[3]]
+    ours = nchw(dense[name])[:, :, :ref.shape[2], :ref.shape[3]]
     full = ours
     if f"{name}__channels" in ev.files:
       ours = ours[:, ev[f"{name}__channels"]]
@@ -381,14 +240,14 @@ def run(config, fixture: str, canvas: Optional[tuple] = None,
     rep.exact(f"{p}_det_roi_level", out["roi_levels"][i][:k] + 3, ev[f"{p}_det_roi_level"])
     pooled = inter["pooled"][i]
     ref = ev[f"{p}_mask_pooled_first6"]
-    rep.close(f"{p}_mask_pooled_first6", _nchw(pooled[:len(ref)]), ref, 0.0, 1e-4)
+    rep.close(f"{p}_mask_pooled_first6", nchw(pooled[:len(ref)]), ref, 0.0, 1e-4)
     for key, ours_key in (("sam_in_first2", "sam_in"), ("sam_out_first2", "sam_out"),
                           ("deconv_out_first2", "deconv_out")):
       if f"{p}_{key}" in ev.files:
         ref = ev[f"{p}_{key}"]
-        rep.close(f"{p}_{key}", _nchw(inter[ours_key][i][:len(ref)]), ref, 0.0, 1e-4)
+        rep.close(f"{p}_{key}", nchw(inter[ours_key][i][:len(ref)]), ref, 0.0, 1e-4)
     ref = ev[f"{p}_mask_logits_allcls_first2"]
-    rep.close(f"{p}_mask_logits_allcls_first2", _nchw(inter["mask_logits_all"][i][:len(ref)]),
+    rep.close(f"{p}_mask_logits_allcls_first2", nchw(inter["mask_logits_all"][i][:len(ref)]),
               ref, 0.0, 1e-4)
     rep.close(f"{p}_mask_logits_predcls", inter["mask_logits"][i][:k],
               ev[f"{p}_mask_logits_predcls"], 0.0, 1e-4)
@@ -479,7 +338,7 @@ def given_boxes(rep, model, variables, images, image_hw, padded_hw, orig_hw, gb,
   for i in range(n):
     p = f"img{i}_given"
     rep.exact(f"{p}_roi_level", out["roi_levels"][i] + 3, gb[f"{p}_roi_level"])
-    rep.close(f"{p}_mask_pooled", _nchw(out["inter"]["pooled"][i]), gb[f"{p}_mask_pooled"], 0.0, 1e-4)
+    rep.close(f"{p}_mask_pooled", nchw(out["inter"]["pooled"][i]), gb[f"{p}_mask_pooled"], 0.0, 1e-4)
     rep.close(f"{p}_mask_logits_predcls", out["inter"]["mask_logits"][i],
               gb[f"{p}_mask_logits_predcls"], 0.0, 1e-4)
     rep.close(f"{p}_mask_probs", out["mask_probs"][i], gb[f"{p}_mask_probs"][:, 0], atol=1e-4)

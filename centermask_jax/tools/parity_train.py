@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from centermask_jax.tools.parity_report import Line, compare_candidate_set
 from centermask_jax.training import step as step_lib
 from centermask_jax.training import targets as T
 
@@ -71,8 +72,7 @@ def sorted_fg(rois: Dict[str, np.ndarray], i: int, *arrays):
 
 def run_train(rep, cfg, model, variables, images: np.ndarray, image_hw, padded_hw,
               fixture: str):
-  """Adds the training stages to `rep` (a parity.Report)."""
-  from centermask_jax.tools.parity import Line, compare_candidate_set
+  """Adds the training stages to `rep` (a parity_report.Report)."""
   tr = np.load(os.path.join(fixture, "train_outputs.npz"))
   gt = load_fixture_gt(fixture)
   n = images.shape[0]

@@ -1,26 +1,17 @@
-"""Training checkpoints of a train.py workdir (orbax CheckpointManager).
+"""Writing and resuming training checkpoints (orbax CheckpointManager).
 
-Layout: WORKDIR/checkpoints/<step>/{state, data, config, meta}
-  state   StandardSave: {"step", "params", "frozen_bn", "opt_state"} (host numpy, unreplicated)
-  data    JsonSave: the train iterator position ({"step": n})
-  config  JsonSave: the run's config (informative)
-  meta    JsonSave: {"classes": checkpoints.classes.ClassInfo json} (absent in old runs)
-Saves are asynchronous; the manager keeps the last `keep` checkpoints.
+The workdir layout (WORKDIR/checkpoints/<step>/{state, data, config, meta}) and reading the
+latest variables / meta live in `checkpoints.workdir`. state: StandardSave, the others:
+JsonSave. Saves are asynchronous; the manager keeps the last `keep` checkpoints.
 """
 import json
-import os
 from typing import Any, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-CHECKPOINTS = "checkpoints"
-ITEMS = ("state", "data", "config", "meta")
-
-
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(os.path.expanduser(workdir)), CHECKPOINTS)
+from centermask_jax.checkpoints.workdir import ITEMS, checkpoint_dir
 
 
 def make_manager(workdir: str, keep: int = 3, save_every: Optional[int] = None,
@@ -60,40 +51,3 @@ def restore_latest(manager: ocp.CheckpointManager, template) -> Optional[Tuple[i
   state = jax.tree_util.tree_map(np.asarray, out["state"])
   return step, state, dict(out["data"] or {})
 
-
-def load_latest_variables(workdir: str, template):
-  """{"params", "frozen_bn"} of the latest checkpoint of a train.py workdir.
-
-  `template`: model variables (arrays or ShapeDtypeStructs) giving the expected tree.
-  """
-  directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"{workdir} is neither a model checkpoint directory nor a "
-                            f"train.py workdir (no {CHECKPOINTS}/)")
-  mgr = ocp.CheckpointManager(directory, item_names=ITEMS)
-  step = mgr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint in {directory}")
-  raw = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  mgr.close()
-  variables = {"params": raw["params"], "frozen_bn": raw.get("frozen_bn", {})}
-  from centermask_jax.checkpoints import io as ckpt_io
-  return ckpt_io._strict_like(
-      jax.tree_util.tree_map(lambda t: np.zeros(np.shape(t), t.dtype), dict(template)),
-      variables, source=f"{directory}/{step}")
-
-
-def read_latest_meta(workdir: str) -> Optional[dict]:
-  """The `meta` item of the latest checkpoint of a train.py workdir (None if absent)."""
-  directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    return None
-  mgr = ocp.CheckpointManager(directory, item_names=ITEMS)
-  try:
-    step = mgr.latest_step()
-    if step is None or not os.path.isdir(os.path.join(directory, str(step), "meta")):
-      return None
-    return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                or {})
-  finally:
-    mgr.close()

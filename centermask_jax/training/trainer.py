@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from centermask_jax import parallel
+from centermask_jax.checkpoints import workdir as ckpt_workdir
 from centermask_jax.models.centermask import CenterMask, count_values
 from centermask_jax.training import checkpointing, optimizer as opt_lib, step as step_lib
 
@@ -156,11 +157,11 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   if restored is not None:
     start, state, data_state = restored
     train_iter.set_state(data_state)
-    _say(f"resumed from {checkpointing.checkpoint_dir(workdir)}/{start} "
+    _say(f"resumed from {ckpt_workdir.checkpoint_dir(workdir)}/{start} "
          f"(data position {data_state})")
   else:
     start = 0
-    _say(f"no checkpoint in {checkpointing.checkpoint_dir(workdir)}: starting at step 0")
+    _say(f"no checkpoint in {ckpt_workdir.checkpoint_dir(workdir)}: starting at step 0")
   end = max_iter if num_steps is None else min(max_iter, start + int(num_steps))
 
   banner("update step")
@@ -199,7 +200,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
             f"non-finite total loss {metrics['total_loss']} at step {step} (losses: "
             + ", ".join(f"{k}={metrics[k]:.4g}" for k in step_lib.LOSS_KEYS)
             + "); training stopped. Last good checkpoint: "
-            + (f"{checkpointing.checkpoint_dir(workdir)}/{good}" if good is not None
+            + (f"{ckpt_workdir.checkpoint_dir(workdir)}/{good}" if good is not None
                else "none") + ". Lower optim.base_lr or check the data.")
       last = metrics
       history.append(metrics["total_loss"])
@@ -232,7 +233,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   host_state = jax.tree_util.tree_map(np.asarray, jax.device_get(parallel.unreplicate(rstate)))
   if jax.process_index() == 0 and last:
     print(f"  done at step {step}: total loss {last['total_loss']:.4f}; checkpoints in "
-          f"{checkpointing.checkpoint_dir(workdir)}", flush=True)
+          f"{ckpt_workdir.checkpoint_dir(workdir)}", flush=True)
   return {"step": step, "state": host_state, "metrics": last, "loss_history": history,
           "eval": evaluation.results}
 
