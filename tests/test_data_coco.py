@@ -379,3 +379,49 @@ def test_coco_dir_layout_builds_same_counts(built, tiny_coco, tmp_path):
   usable = {a["image_id"] for a in d["annotations"] if not a["iscrowd"]}
   assert info.num_images == {"train": len(d["images"]), "val": 50}
   assert info.num_train_images == len(usable) < len(d["images"])
+
+
+def test_eval_gt_is_exactly_what_the_builder_kept(tiny_coco, tmp_path):
+  """Issue 12.2: a 2-point polygon, an empty segmentation list, a 2-point part beside a good
+  one, an orphan annotation and a duplicate image id: the evaluation GT holds exactly the
+  stored images (ids unique) and kept annotations, so COCOeval segm of the GT itself as
+  detections runs and scores AP 100 (it raised, and a duplicate id scored 0, before)."""
+  t = str(tiny_coco)
+  with open(_json(t, "val")) as f:
+    d = json.load(f)
+  good = [a for a in d["annotations"] if not a["iscrowd"] and isinstance(a["segmentation"], list)
+          and a["bbox"][2] > 0 and a["bbox"][3] > 0]
+  good[0]["segmentation"] = [[1.0, 2.0, 3.0, 4.0]]          # 2-point polygon: dropped
+  good[1]["segmentation"] = []                              # empty list: dropped
+  good[2]["segmentation"] = good[2]["segmentation"] + [[5.0, 6.0, 7.0, 8.0]]  # kept, part cut
+  dup = dict(d["images"][1], file_name=d["images"][0]["file_name"])  # duplicate id: skipped
+  d["images"].append(dup)
+  d["annotations"].append(dict(good[3], id=10 ** 9, image_id=-5))  # orphan
+  js = tmp_path / "val.json"
+  js.write_text(json.dumps(d))
+  rc, out = _run_cli(["--name", "gtk", "--val-json", str(js), "--val-images", f"{t}/val2017",
+                      "--data-dir", str(tmp_path / "tfds")])
+  assert rc == 0, out
+  assert "duplicate_image_id=1" in out and "orphan_image_id=1" in out
+  info = pipeline.dataset_info(str(tmp_path / "tfds"), "gtk")
+  with open(info.gt_json["val"]) as f:
+    gt = json.load(f)
+  ids = [im["id"] for im in gt["images"]]
+  assert len(ids) == len(set(ids)) == len(d["images"]) - 1
+  gt_ann_ids = {a["id"] for a in gt["annotations"]}
+  assert good[0]["id"] not in gt_ann_ids and good[1]["id"] not in gt_ann_ids
+  assert 10 ** 9 not in gt_ann_ids
+  g2 = next(a for a in gt["annotations"] if a["id"] == good[2]["id"])
+  assert g2["segmentation"] == good[2]["segmentation"][:-1]
+  m = LINE.search(out)
+  assert len(gt["annotations"]) == int(m.group(3))
+  from pycocotools.coco import COCO
+  from pycocotools.cocoeval import COCOeval
+  coco = COCO(info.gt_json["val"])
+  dets = [dict(image_id=a["image_id"], category_id=a["category_id"], score=1.0,
+               segmentation=coco.annToRLE(a)) for a in gt["annotations"] if not a["iscrowd"]]
+  ev = COCOeval(coco, coco.loadRes(dets), "segm")
+  ev.evaluate()
+  ev.accumulate()
+  ev.summarize()
+  assert ev.stats[0] == pytest.approx(1.0)

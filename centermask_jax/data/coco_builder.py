@@ -179,6 +179,14 @@ def clean_annotation(a: dict, cat_to_label: Dict[int, int], h: int, w: int):
   return obj, parts
 
 
+def _gt_annotation(a: dict, parts) -> dict:
+  """The COCO record of a kept annotation as COCOeval should see it: a polygon keeps only
+  the parts the builder kept (the same float64 coordinates)."""
+  if not isinstance(a.get("segmentation"), list):
+    return a
+  return dict(a, segmentation=[np.asarray(p, np.float64).reshape(-1).tolist() for p in parts])
+
+
 @dataclasses.dataclass
 class BuildStats:
   images: int = 0
@@ -189,6 +197,10 @@ class BuildStats:
   train_usable_images: int = 0  # images with >= 1 kept non-crowd instance
   skip_reasons: Dict[str, int] = dataclasses.field(default_factory=collections.Counter)
   drop_reasons: Dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+  # The evaluation GT of exactly what was kept (not in to_json): the stored images' COCO
+  # records and their kept annotations, polygons restricted to the kept parts.
+  gt_images: List[dict] = dataclasses.field(default_factory=list, repr=False)
+  gt_annotations: List[dict] = dataclasses.field(default_factory=list, repr=False)
 
   def line(self, split: str) -> str:
     return (f"split={split} images={self.images} instances={self.instances} crowd={self.crowd} "
@@ -199,7 +211,8 @@ class BuildStats:
             [f"  dropped instance: {k}={v}" for k, v in sorted(self.drop_reasons.items())])
 
   def to_json(self) -> dict:
-    d = dataclasses.asdict(self)
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+         if not f.name.startswith("gt_")}
     d["skip_reasons"], d["drop_reasons"] = dict(self.skip_reasons), dict(self.drop_reasons)
     return d
 
@@ -209,7 +222,12 @@ def iter_examples(json_path: str, image_dir: str, cat_to_label: Dict[int, int],
   """Yields (image_id, example dict) for every readable image of a COCO JSON; fills stats."""
   d = load_coco_json(json_path)
   by_image = collections.defaultdict(list)
+  image_ids = {im["id"] for im in d["images"]}
   for a in d["annotations"]:
+    if a.get("image_id") not in image_ids:  # orphan: its image is not in "images"
+      stats.dropped_instances += 1
+      stats.drop_reasons["orphan_image_id"] += 1
+      continue
     by_image[a["image_id"]].append(a)
   seen = set()
   for im in d["images"]:
@@ -247,9 +265,11 @@ def iter_examples(json_path: str, image_dir: str, cat_to_label: Dict[int, int],
         stats.drop_reasons[parts] += 1
         continue
       objs.append(obj)
+      stats.gt_annotations.append(_gt_annotation(a, parts))
       poly_len.extend(len(p) for p in parts)
       poly_xy.extend(parts)
     stats.images += 1
+    stats.gt_images.append(im)
     stats.instances += len(objs)
     n_crowd = sum(o["is_crowd"] for o in objs)
     stats.crowd += n_crowd

@@ -97,7 +97,8 @@ def build_dataset(name: str, splits: Sequence[Tuple[str, str, str]], data_dir: s
     meta["splits"][split] = dict(stats[split].to_json(), source_json=js, image_dir=imgs)
     if split != "train":
       fname = f"gt_{split}.json"
-      write_gt_subset(js, stats_image_ids(builder, split), os.path.join(out_dir, fname))
+      write_gt_subset(js, stats_image_ids(builder, split), os.path.join(out_dir, fname),
+                      stats[split])
       meta["gt_json"][split] = fname
   with open(os.path.join(out_dir, META_FILE), "w") as f:
     json.dump(meta, f, indent=1)
@@ -126,12 +127,21 @@ def stats_image_ids(builder, split):
   return {int(x) for x in ds.map(lambda e: e["image_id"]).as_numpy_iterator()}
 
 
-def write_gt_subset(src_json: str, image_ids, dst: str):
-  """Copies a COCO JSON keeping only the given images and their annotations."""
+def write_gt_subset(src_json: str, image_ids, dst: str, stats=None):
+  """Evaluation GT: the COCO JSON with only the stored images (`image_ids`, each once) and,
+  given the build `stats`, exactly the annotations the builder kept (polygons with their
+  kept parts), so COCOeval never meets a record the pipeline refused."""
   d = coco_builder.load_coco_json(src_json)
   out = {k: v for k, v in d.items() if k not in ("images", "annotations")}
-  out["images"] = [im for im in d["images"] if int(im["id"]) in image_ids]
-  out["annotations"] = [a for a in d["annotations"] if int(a["image_id"]) in image_ids]
+  images = d["images"] if stats is None else stats.gt_images
+  anns = d["annotations"] if stats is None else stats.gt_annotations
+  seen = set()
+  out["images"] = []
+  for im in images:
+    if int(im["id"]) in image_ids and int(im["id"]) not in seen:
+      seen.add(int(im["id"]))
+      out["images"].append(im)
+  out["annotations"] = [a for a in anns if int(a["image_id"]) in image_ids]
   with open(dst, "w") as f:
     json.dump(out, f)
 
@@ -151,8 +161,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--num-train", type=int, default=None, help="synthetic train images")
   p.add_argument("--num-val", type=int, default=None, help="synthetic val images")
   a = p.parse_args(argv)
-  from centermask_jax import runlog
-  runlog.quiet_startup()
+  try:  # quiet TensorFlow start-up (centermask_jax.runlog, when present)
+    from centermask_jax import runlog
+    runlog.quiet_startup()
+  except ImportError:
+    pass
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   try:
