@@ -18,6 +18,19 @@ import sys
 from centermask_jax.config import add_config_argument, parse_command_line
 
 
+def writable_dir_problem(path: str):
+  """None if `path` is (or can be created as) a writable directory, else why not."""
+  import tempfile
+  path = os.path.abspath(os.path.expanduser(path))
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
+      pass
+  except OSError as e:
+    return f"not a writable directory ({e.strerror or e})"
+  return None
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +59,10 @@ def main(argv=None):
 
   data_dir = os.path.expanduser(args.data_dir or cfg.data.data_dir)
   name = args.dataset or cfg.data.name
+  problem = writable_dir_problem(args.workdir)  # before inference, not after it
+  if problem:
+    print(f"error: --workdir {args.workdir}: {problem}", file=sys.stderr)
+    return 2
   if not os.path.exists(args.checkpoint):
     print(f"error: checkpoint {args.checkpoint} not found", file=sys.stderr)
     return 2

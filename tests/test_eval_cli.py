@@ -260,3 +260,23 @@ def test_oracle_predictions_score_bbox_ap_100(data, tmp_path):
   assert len(bbox) == len(segm) == len(non_crowd)  # every non-crowd GT once, nothing else
   assert sorted((r["image_id"], r["category_id"]) for r in bbox) == sorted(
       (a["image_id"], a["category_id"]) for a in non_crowd)
+
+
+def test_eval_checks_workdir_before_inference(tmp_path, capsys, monkeypatch):
+  """Issue 12.2: an unwritable --workdir is refused with one line before any model,
+  checkpoint or data is touched (it was found only after the whole inference pass)."""
+  import eval as eval_cli
+  from centermask_jax.models import centermask as cm
+  monkeypatch.setattr(cm.CenterMask, "__init__", lambda *a, **k: pytest.fail("model built"))
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o500)
+  import os
+  cases = [str(blocker / "out")] + ([] if os.access(str(ro), os.W_OK) else [str(ro)])
+  for wd in cases:
+    rc = eval_cli.main(["--config", CONFIG, "--checkpoint", str(tmp_path / "none.pth"),
+                        "--workdir", wd])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("error:") == 1 and f"--workdir {wd}:" in err, err
