@@ -154,6 +154,8 @@ def main(argv=None):
                  help="with --dataset: check the checkpoint's classes against this dataset")
   p.add_argument("--dataset", default=None)
   args, cfg = parse_command_line(p, argv)
+  from centermask_jax import runlog
+  runlog.quiet_startup()  # before TensorFlow / JAX are imported
   try:
     if args.input is not None:
       if not args.output:

@@ -46,6 +46,8 @@ def main(argv=None):
                  help="by_name: evaluate a model whose classes differ from the dataset's on "
                       "the classes whose names match (default: refuse a mismatch)")
   args, cfg = parse_command_line(p, argv)
+  from centermask_jax import runlog
+  runlog.quiet_startup()  # before TensorFlow / JAX are imported
   import jax
 
   from centermask_jax import compilation_cache

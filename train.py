@@ -3,20 +3,26 @@
 Multi-host: --coordinator_address HOST:PORT --num_processes N --process_id I (or the
 environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID);
 `jax.distributed.initialize` runs before any device is touched. Rerunning with the same
---workdir resumes from its latest checkpoint.
+--workdir resumes from its latest checkpoint; Ctrl-C stops after the current step with a
+checkpoint of it (exit status 130). WORKDIR gets log.txt, metrics.jsonl, config.json, tb/.
+--print_config prints the resolved config (every key as `key.path = value`, after the
+overrides) and exits.
 """
 import argparse
 import os
 import sys
 
-from centermask_jax.config import add_config_argument, parse_command_line
+from centermask_jax import runlog
+from centermask_jax.config import add_config_argument, format_config, parse_command_line
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   add_config_argument(p)
-  p.add_argument("--workdir", required=True, help="output directory (checkpoints, TensorBoard)")
+  p.add_argument("--workdir", help="output directory (checkpoints, log.txt, metrics.jsonl, tb/)")
+  p.add_argument("--print_config", action="store_true",
+                 help="print the resolved config (every key) and exit")
   p.add_argument("--coordinator_address", default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
                  help="multi-host: coordinator host:port")
   p.add_argument("--num_processes", type=int,
@@ -25,6 +31,13 @@ def main(argv=None):
   p.add_argument("--process_id", type=int, default=int(os.environ.get("JAX_PROCESS_ID", "0")),
                  help="multi-host: this process's index")
   args, cfg = parse_command_line(p, argv)
+  if args.print_config:
+    print(format_config(cfg), end="")
+    return 0
+  if not args.workdir:
+    print("error: --workdir is required (output directory)", file=sys.stderr)
+    return 2
+  runlog.quiet_startup()  # before TensorFlow / JAX are imported
   import jax
   if args.coordinator_address or args.num_processes > 1:
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
@@ -33,11 +46,9 @@ def main(argv=None):
                                num_processes=args.num_processes, process_id=args.process_id)
   from centermask_jax import compilation_cache
   compilation_cache.enable(cfg.get("compilation_cache_dir") or None)
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)
   from centermask_jax.training import trainer
-  trainer.train_and_evaluate(cfg, args.workdir)
-  return 0
+  result = trainer.train_and_evaluate(cfg, args.workdir)
+  return 130 if result.get("interrupted") else 0
 
 
 if __name__ == "__main__":

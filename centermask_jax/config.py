@@ -106,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   # device's mean over its own foreground RoIs, gradients then averaged); "global" = sums
   # over the all-device RoI counts (gradient independent of how the batch is split).
   t.mask_loss_norm = "per_device"
+  t.checkpoint_on_interrupt = True  # Ctrl-C: save the current step before stopping
   return c
 
 
@@ -299,3 +300,19 @@ def parse_command_line(parser, argv=None):
     cfg = config_or_exit(args.config, extra)
   args.config_argv = list(extra)
   return args, cfg
+
+
+def format_config(cfg) -> str:
+  """Every key of `cfg` as `dotted.key = value` lines (values as Python literals), i.e. in
+  the form `--config.dotted.key=value` takes."""
+  lines = []
+
+  def walk(node, prefix):
+    for key in node.keys():
+      value = node[key]
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        lines.append(f"{prefix}{key} = {value!r}")
+  walk(cfg, "")
+  return "\n".join(lines) + "\n"

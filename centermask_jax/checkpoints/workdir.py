@@ -60,3 +60,16 @@ def read_latest_meta(workdir: str) -> Optional[dict]:
                 or {})
   finally:
     mgr.close()
+
+
+def latest_step(workdir: str) -> Optional[int]:
+  """Step of the latest finished checkpoint of a train.py workdir (None: none), cheaply
+  (reads the directory only)."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return None
+  mgr = ocp.CheckpointManager(directory, item_names=ITEMS)
+  try:
+    return mgr.latest_step()
+  finally:
+    mgr.close()

@@ -40,12 +40,15 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_state: dict, con
 
 
 def restore_latest(manager: ocp.CheckpointManager, template) -> Optional[Tuple[int, Any, dict]]:
-  """(step, state like `template`, data_state) of the latest checkpoint, or None."""
+  """(step, state like `template`, data_state) of the latest checkpoint, or None.
+
+  template: arrays or ShapeDtypeStructs (e.g. from jax.eval_shape)."""
   step = manager.latest_step()
   if step is None:
     return None
   abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), _host(template))
+      lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) if hasattr(x, "dtype")
+      else jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), template)
   out = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
   state = jax.tree_util.tree_map(np.asarray, out["state"])

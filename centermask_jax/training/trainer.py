@@ -1,14 +1,23 @@
 """`train_and_evaluate(config, workdir)`: the CenterMask training loop.
 
-Sections (logged as banners): devices, input, model + optimiser, update step,
-checkpoint, loop. A rerun with the same workdir resumes from its latest checkpoint
-(parameters, optimiser state, step and data position). Metrics go to TensorBoard
-(WORKDIR/tb) and a tqdm bar shows progress and ETA. A non-finite loss stops the run
-with the step number; the last good checkpoint is kept (nothing is saved after it).
+Sections (banners): devices, input, model + optimiser (says whether it resumes), checkpoint,
+update step, loop. Everything the run prints also goes to WORKDIR/log.txt; one JSON line per
+log step (losses, lr, img/s, ETA) and per evaluation goes to WORKDIR/metrics.jsonl and the
+same scalars to TensorBoard (WORKDIR/tb); the resolved config is WORKDIR/config.json.
+The first step of each canvas compiles the update step: it is announced, timed and left out
+of img/s and ETA. On a terminal a bar shows progress, loss, img/s and ETA; otherwise a line
+is printed every `train.log_every` steps. A rerun with the same workdir resumes from its
+latest checkpoint (parameters, optimiser state, step and data position); a finished one
+says so and stops within seconds. Ctrl-C (SIGINT) stops after the current step, writes a
+checkpoint of it (unless train.checkpoint_on_interrupt is False) and prints one line.
+A non-finite loss stops the run with the step number; the last good checkpoint is kept.
 """
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Dict, Iterator, Optional
 
@@ -17,10 +26,12 @@ import numpy as np
 
 from centermask_jax import parallel
 from centermask_jax.checkpoints import workdir as ckpt_workdir
+from centermask_jax import runlog
 from centermask_jax.models.centermask import CenterMask, count_values
 from centermask_jax.training import checkpointing, optimizer as opt_lib, step as step_lib
 
 log = logging.getLogger("centermask_jax.train")
+_RUN_LOG: Optional[runlog.RunLog] = None  # the current run's console + log.txt
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -28,16 +39,77 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def banner(title: str):
-  line = f"==== {title} " + "=" * max(0, 66 - len(title))
-  log.info(line)
-  if jax.process_index() == 0:
-    print(line, flush=True)
+  if _RUN_LOG is not None:
+    _RUN_LOG.banner(title)
+  elif jax.process_index() == 0:
+    print(f"==== {title} " + "=" * max(0, 66 - len(title)), flush=True)
 
 
 def _say(msg: str):
-  log.info(msg)
-  if jax.process_index() == 0:
+  if _RUN_LOG is not None:
+    _RUN_LOG.say(msg)
+  elif jax.process_index() == 0:
     print("  " + msg, flush=True)
+
+
+class _StopOnSigint:
+  """While active (main thread only), the first SIGINT asks the loop to stop after the
+  current step; a second one raises KeyboardInterrupt as usual."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGINT, self._old)
+    return False
+
+
+class _Speed:
+  """Step time from the steps that did not compile -> img/s and ETA."""
+
+  def __init__(self, global_batch: int, window: int = 50):
+    self.global_batch, self.window = global_batch, window
+    self.times = []
+
+  def add(self, seconds: float):
+    self.times = (self.times + [seconds])[-self.window:]
+
+  @property
+  def step_time(self) -> Optional[float]:
+    return sum(self.times) / len(self.times) if self.times else None
+
+  def images_per_s(self) -> Optional[float]:
+    st = self.step_time
+    return self.global_batch / st if st else None
+
+  def eta(self, steps_left: int) -> Optional[float]:
+    st = self.step_time
+    return steps_left * st if st else None
+
+
+def _train_canvases(config):
+  """Distinct (H, W) canvases of the train pipeline (None if they cannot be derived, e.g.
+  with canvas buckets, where each batch gets its own)."""
+  if int(config.input.get("canvas_bucket", 0) or 0):
+    return None
+  try:
+    from centermask_jax.data import pipeline
+    return sorted(set(tuple(int(v) for v in c)
+                      for c in pipeline._input_params(config, True)["canvases"]))
+  except Exception:  # noqa: BLE001 - only used for the "(k of N)" in a message
+    return None
 
 
 def init_variables(model: CenterMask, config, rng):
@@ -100,13 +172,51 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   (default: the config's dataset through `data.pipeline`). devices: the local devices to
   use (default: all). classes: the `checkpoints.classes.ClassInfo` stored with every
   checkpoint (default: the dataset's; with a given train_iter, the count only).
-  Returns {"step", "state" (host, unreplicated), "metrics" (last step, floats),
-  "loss_history" (total loss per step of this run), "eval" ({step: COCO metrics})}.
+  Returns {"step", "state" (host, unreplicated; None when the workdir was already at the
+  last step), "metrics" (last step, floats), "loss_history" (total loss per step of this
+  run), "eval" ({step: COCO metrics}), "interrupted" (stopped by SIGINT)}.
   """
+  global _RUN_LOG
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
+  max_iter = int(config.optim.max_iter)
+  lead = jax.process_index() == 0
+  rl = runlog.RunLog(workdir, enabled=lead)
+  previous, _RUN_LOG = _RUN_LOG, rl
+  try:
+    # A finished run stops here, before any data, model or compilation.
+    latest = ckpt_workdir.latest_step(workdir)
+    if latest is not None and latest >= (max_iter if num_steps is None
+                                         else min(max_iter, latest + int(num_steps))):
+      _say(f"already at step {latest} (optim.max_iter = {max_iter}), nothing to do; "
+           f"checkpoints in {ckpt_workdir.checkpoint_dir(workdir)}")
+      return {"step": latest, "state": None, "metrics": {}, "loss_history": [], "eval": {},
+              "interrupted": False}
+    _write_config(config, workdir, rl, lead)
+    return _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, devices,
+                  classes, latest, rl)
+  finally:
+    _RUN_LOG = previous
+    rl.close()
+
+
+def _write_config(config, workdir, rl, lead):
+  """WORKDIR/config.json (the resolved config, every key) and the same in log.txt."""
+  if not lead:
+    return
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(text + "\n")
+  from centermask_jax.config import format_config
+  rl.to_file("resolved config:\n" + format_config(config))
+  _say(f"config {config.get('name', '') or '(unnamed)'} -> {os.path.join(workdir, 'config.json')}")
+
+
+def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, devices,
+           classes, latest, rl):
   t = config.train
   max_iter = int(config.optim.max_iter)
+  lead = jax.process_index() == 0
 
   banner("devices")
   devices = list(devices or jax.local_devices())
@@ -121,9 +231,11 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
        f"{jax.device_count()} total; per-device batch {b}, global batch {global_batch}")
 
   banner("input")
+  canvases = None
   if train_iter is None:
     train_iter, data_classes = _make_iterator(config, d, b)
     classes = classes or data_classes
+    canvases = _train_canvases(config)
   else:
     _say("using the given train iterator")
   if classes is None:
@@ -135,7 +247,12 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   model = CenterMask(config)
   rng = jax.random.PRNGKey(int(t.seed))
   init_rng, step_rng = jax.random.split(rng)
-  variables = init_variables(model, config, init_rng)
+  if latest is not None:
+    _say(f"init: resuming from step {latest} of {ckpt_workdir.checkpoint_dir(workdir)}"
+         + (" (config.weights is not used)" if config.get("weights") else ""))
+    variables = jax.eval_shape(lambda: model.init(init_rng, (128, 128)))
+  else:
+    variables = init_variables(model, config, init_rng)
   tx = opt_lib.make_optimizer(config, variables["params"])
   lr_fn = opt_lib.lr_schedule(config)
   _say(f"{config.get('name', '')}: backbone {config.model.backbone.variant}, "
@@ -148,16 +265,20 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   frozen = opt_lib.frozen_prefixes(config)
   if frozen:
     _say(f"frozen parameters: {frozen}")
-  state = step_lib.init_state(variables["params"], variables["frozen_bn"], tx)
+  if latest is not None:
+    state = jax.eval_shape(lambda p, f: step_lib.init_state(p, f, tx), variables["params"],
+                           variables["frozen_bn"])
+  else:
+    state = step_lib.init_state(variables["params"], variables["frozen_bn"], tx)
 
   banner("checkpoint")
   mgr = checkpointing.make_manager(workdir, keep=int(t.keep_checkpoints),
                                    async_save=async_checkpoints)
-  restored = checkpointing.restore_latest(mgr, state)
+  restored = checkpointing.restore_latest(mgr, state) if latest is not None else None
   if restored is not None:
     start, state, data_state = restored
     train_iter.set_state(data_state)
-    _say(f"resumed from {ckpt_workdir.checkpoint_dir(workdir)}/{start} "
+    _say(f"restored {ckpt_workdir.checkpoint_dir(workdir)}/{start} "
          f"(data position {data_state})")
   else:
     start = 0
@@ -168,31 +289,50 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
   p_step = step_lib.make_train_step(model, config, tx, lr_fn, devices=devices)
   rstate = parallel.replicate(state, devices)
   del state
-  _say(f"pmapped over {d} devices, axis 'batch', state donated")
+  _say(f"pmapped over {d} devices, axis 'batch', state donated; compiled on the first "
+       "step of each canvas" + (f" ({len(canvases)} canvases)" if canvases else ""))
 
-  banner("loop")
+  banner(f"loop: steps {start + 1}..{end}")
   writer = None
-  if jax.process_index() == 0:
+  if lead:
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(os.path.join(workdir, "tb"))
   bar = None
-  if jax.process_index() == 0 and not quiet:
+  if lead and not quiet and sys.stdout.isatty():
     from tqdm import tqdm
-    bar = tqdm(total=end, initial=start, desc="train", dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(total=end, initial=start, desc="train", dynamic_ncols=True,
+               bar_format="{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                          "[{elapsed}{postfix}]")
   last = {}
   history = []  # total loss of every step of this run
   every = int(t.checkpoint_every)
   log_every = max(1, int(t.log_every))
   eval_every = int(t.get("eval_every", 0) or 0)
-  t_last, n_last = time.time(), 0
-  evaluation = _EvalHook(config, workdir, devices, writer)
-  step = start
+  speed = _Speed(global_batch)
+  compiled = []  # canvases whose update step is compiled
+  evaluation = _EvalHook(config, workdir, devices, writer, rl)
+  step = saved = start
+  stop = _StopOnSigint()
   try:
-    while step < end:
+    stop.__enter__()
+    while step < end and not stop.requested:
       batch = next(train_iter)
+      canvas = tuple(int(v) for v in np.shape(batch["image"])[-3:-1])
+      compiling = canvas not in compiled
+      if compiling:
+        compiled.append(canvas)
+        of = f" of {len(canvases)}" if canvases and canvas in canvases else ""
+        _say(f"compiling the train step for canvas {canvas[0]}x{canvas[1]} "
+             f"({len(compiled)}{of})...")
+      t0 = time.perf_counter()
       rstate, metrics = p_step(rstate, batch, step_rng)
       metrics = parallel.first_device_metrics(metrics)
+      dt = time.perf_counter() - t0
       step += 1
+      if compiling:
+        _say(f"compiled and ran step {step} for canvas {canvas[0]}x{canvas[1]} in {dt:.1f} s")
+      else:
+        speed.add(dt)
       if not math.isfinite(metrics["total_loss"]):
         mgr.wait_until_finished()
         good = mgr.latest_step()
@@ -204,26 +344,46 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
                else "none") + ". Lower optim.base_lr or check the data.")
       last = metrics
       history.append(metrics["total_loss"])
-      n_last += 1
+      ips, eta = speed.images_per_s(), speed.eta(end - step)
       if bar is not None:
         bar.update(1)
-        bar.set_postfix(loss=f"{metrics['total_loss']:.3f}", lr=f"{metrics['lr']:.2e}")
+        bar.set_postfix_str(f"loss {metrics['total_loss']:.3f}, lr {metrics['lr']:.2e}, "
+                            + (f"{ips:.1f} img/s, ETA {runlog.format_seconds(eta)}"
+                               if ips else "compiling"), refresh=False)
       if step % log_every == 0 or step == end:
-        dt = (time.time() - t_last) / max(n_last, 1)
+        line = (f"step {step}/{end}: loss {metrics['total_loss']:.4f} ("
+                + ", ".join(f"{k[5:]} {metrics[k]:.4f}" for k in step_lib.LOSS_KEYS
+                            if k in metrics)
+                + f"), lr {metrics['lr']:.3g}"
+                + (f", {ips:.2f} img/s, ETA {runlog.format_seconds(eta)}" if ips else ""))
+        if bar is None and not quiet:
+          rl.say(line)
+        else:
+          rl.to_file("  " + line)
+        rl.metrics(dict(step=step, time=round(time.time(), 3), **metrics,
+                        images_per_s=ips, eta_s=eta))
         if writer is not None:
           for k, v in metrics.items():
             writer.add_scalar(f"train/{k}", v, step)
-          writer.add_scalar("train/step_time_s", dt, step)
-          writer.add_scalar("train/images_per_s", global_batch / max(dt, 1e-9), step)
+          if ips:
+            writer.add_scalar("train/step_time_s", speed.step_time, step)
+            writer.add_scalar("train/images_per_s", ips, step)
           writer.flush()
-        log.info("step %d: %s", step, {k: round(v, 5) for k, v in metrics.items()})
-        t_last, n_last = time.time(), 0
       if (every and step % every == 0) or step == end:
         checkpointing.save(mgr, step, parallel.unreplicate(rstate), train_iter.get_state(),
                            config, meta=meta)
+        saved = step
       if eval_every >= 0 and ((eval_every and step % eval_every == 0) or step == max_iter):
+        if bar is not None:
+          bar.clear()
         evaluation.run(step, rstate)
+    interrupted = stop.requested and step < end
+    if interrupted and step > saved and t.get("checkpoint_on_interrupt", True):
+      checkpointing.save(mgr, step, parallel.unreplicate(rstate), train_iter.get_state(),
+                         config, meta=meta)
+      saved = step
   finally:
+    stop.__exit__()
     mgr.wait_until_finished()
     mgr.close()
     if bar is not None:
@@ -231,11 +391,15 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
     if writer is not None:
       writer.close()
   host_state = jax.tree_util.tree_map(np.asarray, jax.device_get(parallel.unreplicate(rstate)))
-  if jax.process_index() == 0 and last:
-    print(f"  done at step {step}: total loss {last['total_loss']:.4f}; checkpoints in "
-          f"{ckpt_workdir.checkpoint_dir(workdir)}", flush=True)
+  ckpt_dir = ckpt_workdir.checkpoint_dir(workdir)
+  if interrupted:
+    _say(f"interrupted at step {step}: "
+         + (f"checkpoint saved to {ckpt_dir}/{step}; rerun the same command to resume"
+            if saved == step else f"not saved (last checkpoint: step {saved})"))
+  elif last:
+    _say(f"done at step {step}: total loss {last['total_loss']:.4f}; checkpoints in {ckpt_dir}")
   return {"step": step, "state": host_state, "metrics": last, "loss_history": history,
-          "eval": evaluation.results}
+          "eval": evaluation.results, "interrupted": interrupted}
 
 
 class _EvalHook:
@@ -247,8 +411,9 @@ class _EvalHook:
   processes would otherwise hang in mismatched collectives).
   """
 
-  def __init__(self, config, workdir: str, devices, writer):
+  def __init__(self, config, workdir: str, devices, writer, rl=None):
     self.config, self.workdir, self.devices, self.writer = config, workdir, devices, writer
+    self.rl = rl or runlog.RunLog(None, enabled=False)
     self.evaluator = None
     self.results: Dict[int, Any] = {}
     self.failures = 0
@@ -264,8 +429,12 @@ class _EvalHook:
       if not replicated:  # the train state spans all processes; evaluate a local copy
         variables = parallel.local_copy(variables)
       out_dir = os.path.join(self.workdir, "eval", f"step_{step}")
-      metrics = ev_lib.run_evaluation(self.config, variables, workdir=out_dir,
-                                      replicated=replicated, evaluator=self.evaluator)
+      tty = sys.stdout.isatty()
+      with self.rl.tee_stdout():
+        metrics = ev_lib.run_evaluation(
+            self.config, variables, workdir=out_dir, replicated=replicated,
+            evaluator=self.evaluator, progress=tty,
+            title=f"COCO evaluation of the step {step} weights ({out_dir}):")
     except Exception as e:  # noqa: BLE001 - evaluation must not kill a long training run
       if jax.process_count() > 1:
         # The other processes may be waiting in the evaluation's cross-process gather:
@@ -279,6 +448,10 @@ class _EvalHook:
            f"({self.failures} failed evaluation(s))")
       return
     self.results[step] = metrics
+    if metrics:
+      self.rl.metrics({"step": step, "time": round(time.time(), 3), "eval": {
+          task: {k: vals[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in vals}
+          for task, vals in metrics.items()}})
     if self.writer is not None and metrics:
       for task, vals in metrics.items():
         for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"):
