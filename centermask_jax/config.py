@@ -50,7 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   m.mask_head = ml_collections.ConfigDict(dict(
       num_convs=4, conv_dim=256, pooler_resolution=14, sampling_ratio=0,
-      level_k_min=3, level_k_max=5, mask_threshold=0.5))
+      level_k_min=3, level_k_max=5, mask_threshold=0.5,
+      # 28x28 / MaskIoU targets: 'device' (ops/polygon_raster, exact, in the step) or
+      # 'pycocotools' (host callback, the reference).
+      target_impl="device"))
   m.maskiou_head = ml_collections.ConfigDict(dict(num_convs=4, conv_dim=256, loss_weight=1.0))
   m.roi = ml_collections.ConfigDict(dict(iou_threshold=0.5, max_fg_per_image=128))
 
@@ -79,6 +82,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_instances = 100
   d.max_polygon_parts = 16
   d.max_polygon_vertices = 256
+  d.max_instance_vertices = 512  # packed exact polygons per instance (all parts)
   d.shuffle_buffer = 1000
 
   o = c.optim = ml_collections.ConfigDict()

@@ -115,7 +115,9 @@ def _input_params(config, train: bool) -> dict:
 
       flip=bool(_get(inp, "random_flip", True)) and train,
       m=int(_get(data, "max_instances", 100)), p=int(_get(data, "max_polygon_parts", 16)),
-      v=int(_get(data, "max_polygon_vertices", 256)))
+      v=int(_get(data, "max_polygon_vertices", 256)),
+      k=int(_get(data, "max_instance_vertices", 0)) or
+      int(_get(data, "max_polygon_parts", 16)) * int(_get(data, "max_polygon_vertices", 256)))
 
 
 def _host_example(data, h0, w0, bbox, label, is_crowd, num_parts, poly_len, poly_xy, short,
@@ -136,9 +138,11 @@ def _host_example(data, h0, w0, bbox, label, is_crowd, num_parts, poly_len, poly
   gt, counts = transforms.instance_targets(
       in_hw=(int(h0), int(w0)), out_hw=hw, flip=bool(flip), bbox=bbox, label=label,
       is_crowd=is_crowd, num_parts=num_parts, poly_len=poly_len, poly_xy=poly_xy,
-      max_instances=prm["m"], max_parts=prm["p"], max_vertices=prm["v"])
+      max_instances=prm["m"], max_parts=prm["p"], max_vertices=prm["v"],
+      max_instance_vertices=prm["k"])
   return (x, np.asarray(hw, np.int32), np.asarray(orig_hw, np.int32), gt["gt_boxes"],
-          gt["gt_classes"], gt["gt_valid"], gt["gt_polys"], gt["gt_poly_len"], counts)
+          gt["gt_classes"], gt["gt_valid"], gt["gt_polys"], gt["gt_poly_len"],
+          gt["gt_poly_xy64"], gt["gt_poly_part"], gt["gt_poly_area64"], counts)
 
 
 def _short_and_flip(prm, train, seed, index):
@@ -181,7 +185,7 @@ def _batch_canvas(prm, train, seed, idx, h0, w0, group):
 def _example_fn(features, prm, train, seed):
   """(serialized, is_real, global index, batch canvas [2]) -> contract example dict
   (+ '_counts')."""
-  m, p, v = prm["m"], prm["p"], prm["v"]
+  m, p, v, k = prm["m"], prm["p"], prm["v"], prm["k"]
 
   def fn(serialized, is_real, index, canvas):
     ex = features.deserialize_example(serialized)
@@ -193,8 +197,8 @@ def _example_fn(features, prm, train, seed):
          obj["label"], obj["is_crowd"], obj["num_parts"], ex["poly_len"],
          tf.io.decode_raw(ex["poly_xy"], tf.float64), short, flip, canvas],
         [tf.uint8, tf.int32, tf.int32, tf.float32, tf.int32, tf.bool, tf.float32, tf.int32,
-         tf.int32], stateful=False)
-    img, hw, orig_hw, boxes, classes, valid, polys, plen, counts = outs
+         tf.uint32, tf.int32, tf.uint32, tf.int32], stateful=False)
+    img, hw, orig_hw, boxes, classes, valid, polys, plen, xy64, ppart, area64, counts = outs
     img.set_shape([None, None, 3])
     hw.set_shape([2])
     orig_hw.set_shape([2])
@@ -205,7 +209,8 @@ def _example_fn(features, prm, train, seed):
         image_id=tf.where(is_real, tf.cast(ex["image_id"], tf.int32), -1), is_real=is_real,
         gt_boxes=tf.reshape(boxes, [m, 4]), gt_classes=tf.reshape(classes, [m]),
         gt_valid=valid, gt_polys=tf.reshape(polys, [m, p, v, 2]),
-        gt_poly_len=tf.reshape(plen, [m, p]),
+        gt_poly_len=tf.reshape(plen, [m, p]), gt_poly_xy64=tf.reshape(xy64, [m, k, 2, 2]),
+        gt_poly_part=tf.reshape(ppart, [m, k]), gt_poly_area64=tf.reshape(area64, [m, 2]),
         _counts=tf.where(is_real, tf.reshape(counts, [4]), 0))
   return fn
 

@@ -8,7 +8,8 @@ by tests. Facts (spec §h.2, detectron2 `DatasetMapper`):
   exceeds max_size, scale both by max_size / longer; round with int(x + 0.5);
 * resampling is `PIL.Image.resize(BILINEAR)` on the uint8 array (antialiased when shrinking);
 * boxes: xywh -> xyxy, scaled, flipped (x -> W - x, corners re-sorted), clipped to [0, W/H];
-* polygons: x * (new_w / w), y * (new_h / h), flip x -> W - x (float64, cast at the end).
+* polygons: x * (new_w / w), y * (new_h / h), flip x -> W - x (float64; `gt_polys` is
+  their float32 cast, the packed `gt_poly_xy64` keeps the float64 bits for exact targets).
 """
 import io
 from typing import Dict, Optional, Tuple
@@ -107,9 +108,46 @@ def _shoelace(xy: np.ndarray) -> float:
   return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
 
 
+def polygon_area(parts) -> float:
+  """Summed shoelace area of an instance's parts (float64 [n, 2] each), computed as
+  detectron2's `PolygonMasks.area` does (flat x/y views, np.dot, Python sum)."""
+  area = 0.0
+  for xy in parts:
+    p = np.ascontiguousarray(xy, np.float64).reshape(-1)
+    x, y = p[0::2], p[1::2]
+    area += 0.5 * np.abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+  return float(area)
+
+
+def pack_polygons(parts, k: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Parts (float64 [n_j, 2]), k -> packed exact polygon fields of one instance:
+  (xy64 uint32 [k, 2, 2] float64 bits, part int32 [k] (-1 unused), area64 uint32 [2]).
+  Raises if the parts hold more than k vertices."""
+  xy = np.zeros((k, 2), np.float64)
+  part = np.full((k,), -1, np.int32)
+  i = 0
+  for j, p in enumerate(parts):
+    n = len(p)
+    if i + n > k:
+      raise ValueError(f"{sum(len(q) for q in parts)} polygon vertices exceed {k}")
+    xy[i:i + n], part[i:i + n] = p, j
+    i += n
+  area = np.asarray([polygon_area(parts)], np.float64)
+  return xy.view(np.uint32).reshape(k, 2, 2), part, area.view(np.uint32)
+
+
+def _fit_vertices(parts, k: int):
+  """Resamples parts (each to at least 3 vertices) so that they hold <= k in all."""
+  total = sum(len(p) for p in parts)
+  if total <= k:
+    return parts, False
+  return [_resample_polygon(p, max(3, len(p) * k // total)) if len(p) > 3 else p
+          for p in parts], True
+
+
 def instance_targets(
     *, in_hw, out_hw, flip: bool, bbox, label, is_crowd, num_parts, poly_len, poly_xy,
-    max_instances: int, max_parts: int, max_vertices: int,
+    max_instances: int, max_parts: int, max_vertices: int, max_instance_vertices: int = 0,
 ) -> Tuple[Dict[str, np.ndarray], np.ndarray]:
   """Stored per-image annotations -> padded GT arrays of the batch contract, overflow counts.
 
@@ -117,14 +155,23 @@ def instance_targets(
   poly_len [sum parts], poly_xy [sum vertices, 2] (original pixels, object-major order).
   Crowd instances and non-crowd instances without polygons are excluded.
   Returns ({gt_boxes [M, 4] f32, gt_classes [M] i32, gt_valid [M] bool,
-  gt_polys [M, P, V, 2] f32, gt_poly_len [M, P] i32}, counts [4] int32 =
-  (instances over M, parts over P (smallest dropped), parts resampled to V, no-polygon instances)).
+  gt_polys [M, P, V, 2] f32, gt_poly_len [M, P] i32, and the exact packed polygons
+  gt_poly_xy64 [M, K, 2, 2] u32 (float64 bits), gt_poly_part [M, K] i32 (-1 unused),
+  gt_poly_area64 [M, 2] u32 (float64 bits of the detectron2 shoelace area)},
+  counts [4] int32 = (instances over M, parts over P (smallest dropped), parts resampled
+  to V (or instances resampled to K vertices in all), no-polygon instances)).
+  K = max_instance_vertices (0: P * V, nothing resampled for K).
   """
   m, p, v = max_instances, max_parts, max_vertices
+  kv = int(max_instance_vertices) or p * v
+  if kv < 3 * p:
+    raise ValueError(f"max_instance_vertices {kv} < 3 * max_polygon_parts {p}")
   out = dict(
       gt_boxes=np.zeros((m, 4), np.float32), gt_classes=np.zeros((m,), np.int32),
       gt_valid=np.zeros((m,), bool), gt_polys=np.zeros((m, p, v, 2), np.float32),
-      gt_poly_len=np.zeros((m, p), np.int32))
+      gt_poly_len=np.zeros((m, p), np.int32),
+      gt_poly_xy64=np.zeros((m, kv, 2, 2), np.uint32),
+      gt_poly_part=np.full((m, kv), -1, np.int32), gt_poly_area64=np.zeros((m, 2), np.uint32))
   counts = np.zeros((4,), np.int32)
   num_parts = np.asarray(num_parts, np.int64).reshape(-1)
   poly_len = np.asarray(poly_len, np.int64).reshape(-1)
@@ -153,9 +200,14 @@ def instance_targets(
     for j, xy in enumerate(parts):
       if len(xy) > v:
         counts[2] += 1
-        xy = _resample_polygon(xy, v)
+        parts[j] = _resample_polygon(xy, v)
+    parts, resampled = _fit_vertices(parts, kv)
+    counts[2] += int(resampled)
+    for j, xy in enumerate(parts):
       out["gt_polys"][k, j, :len(xy)] = xy
       out["gt_poly_len"][k, j] = len(xy)
+    (out["gt_poly_xy64"][k], out["gt_poly_part"][k],
+     out["gt_poly_area64"][k]) = pack_polygons(parts, kv)
     out["gt_boxes"][k] = boxes[i]
     out["gt_classes"][k] = label[i]
     out["gt_valid"][k] = True

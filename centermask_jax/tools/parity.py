@@ -154,19 +154,23 @@ def fixture_images(inp, canvas: Optional[tuple] = None):
 
 
 def run(config, fixture: str, canvas: Optional[tuple] = None,
-        train: bool = False, weights: Optional[str] = None) -> Report:
+        train: bool = False, weights: Optional[str] = None,
+        mask_targets: Optional[str] = None) -> Report:
   """Inference stages (eval_outputs / given_boxes_outputs) or, with `train`, the
-  training stages of train_outputs.npz (`parity_train.run_train`).
+  training stages of train_outputs.npz (`parity_train.run_train`); `mask_targets`
+  ('device' | 'pycocotools') overrides config.model.mask_head.target_impl.
 
   Parity is a float32 exactness check: matmuls run at full precision on every backend
   (set for this call only)."""
   with jax.default_matmul_precision("highest"):
-    return _run(config, fixture, canvas, train, weights)
+    return _run(config, fixture, canvas, train, weights, mask_targets)
 
 
 def _run(config, fixture: str, canvas: Optional[tuple], train: bool,
-         weights: Optional[str]) -> Report:
+         weights: Optional[str], mask_targets: Optional[str] = None) -> Report:
   cfg, model, variables = load_model(config, fixture, weights)
+  if mask_targets:
+    cfg.model.mask_head.target_impl = mask_targets
   inp = np.load(os.path.join(fixture, "inputs.npz"))
   images, image_hw, orig_hw, padded_hw = fixture_images(inp, canvas)
   n, ch, cw, _ = images.shape
@@ -371,9 +375,12 @@ def main(argv=None) -> int:
                        f"make_weights.py (default {DEFAULT_CACHE}) when the folder has none")
   ap.add_argument("--train", action="store_true",
                   help="compare the training targets and losses with train_outputs.npz")
+  ap.add_argument("--mask-targets", choices=("device", "pycocotools"), default=None,
+                  help="--train: mask/MaskIoU target implementation (default: the config's "
+                       "model.mask_head.target_impl)")
   args, cfg = parse_command_line(ap, argv)
   rep = run(cfg, args.fixture, parse_hw(args.canvas), train=args.train,
-            weights=args.weights)
+            weights=args.weights, mask_targets=args.mask_targets)
   failed = rep.failed
   print(f"parity stages: {len(rep.lines) - len(failed)} PASS, {len(failed)} FAIL")
   return 1 if failed else 0

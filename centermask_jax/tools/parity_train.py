@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from centermask_jax.data import transforms
 from centermask_jax.tools.parity_report import Line, compare_candidate_set
 from centermask_jax.training import step as step_lib
 from centermask_jax.training import targets as T
@@ -27,7 +28,9 @@ def load_fixture_gt(fixture: str, g: Optional[int] = None, p: Optional[int] = No
 
   g / p / v: padded instances, polygon parts and vertices (default: the data's maxima).
   -> gt_boxes [N, G, 4], gt_classes [N, G], gt_valid [N, G], gt_polys [N, G, P, V, 2],
-     gt_poly_len [N, G, P], image_hw [N, 2] (resized, unpadded).
+     gt_poly_len [N, G, P], the exact packed polygons (float64 from the JSON, as
+     detectron2 reads them) gt_poly_xy64 [N, G, K, 2, 2], gt_poly_part [N, G, K],
+     gt_poly_area64 [N, G, 2], image_hw [N, 2] (resized, unpadded).
   """
   with open(os.path.join(fixture, "gt_instances.json")) as f:
     gj = json.load(f)
@@ -41,13 +44,20 @@ def load_fixture_gt(fixture: str, g: Optional[int] = None, p: Optional[int] = No
   gt = {"gt_boxes": np.zeros((n, g, 4), np.float32), "gt_classes": np.zeros((n, g), np.int32),
         "gt_valid": np.zeros((n, g), bool), "gt_polys": np.zeros((n, g, p, v, 2), np.float32),
         "gt_poly_len": np.zeros((n, g, p), np.int32), "image_hw": np.zeros((n, 2), np.int32)}
+  kv = max((sum(len(poly) // 2 for poly in polys) for d in imgs for polys in d["polygons"]),
+           default=3)
+  gt.update(gt_poly_xy64=np.zeros((n, g, kv, 2, 2), np.uint32),
+            gt_poly_part=np.full((n, g, kv), -1, np.int32),
+            gt_poly_area64=np.zeros((n, g, 2), np.uint32))
   for i, d in enumerate(imgs):
     gt["image_hw"][i] = d["image_hw"]
     for k, (box, cls, polys) in enumerate(zip(d["boxes_xyxy"], d["classes"], d["polygons"])):
       gt["gt_boxes"][i, k], gt["gt_classes"][i, k], gt["gt_valid"][i, k] = box, cls, True
-      for j, poly in enumerate(polys):
-        xy = np.asarray(poly).reshape(-1, 2)
+      parts = [np.asarray(poly, np.float64).reshape(-1, 2) for poly in polys]
+      for j, xy in enumerate(parts):
         gt["gt_polys"][i, k, j, :len(xy)], gt["gt_poly_len"][i, k, j] = xy, len(xy)
+      (gt["gt_poly_xy64"][i, k], gt["gt_poly_part"][i, k],
+       gt["gt_poly_area64"][i, k]) = transforms.pack_polygons(parts, kv)
   return gt
 
 

@@ -1,7 +1,13 @@
-"""Mask-branch targets through pycocotools, exactly as the official code (spec §d.6, §e).
+"""Mask-branch targets exactly as the official code (spec §d.6, §e).
 
-RoI boxes exist only on device, so the targets are computed on the host with
-`jax.pure_callback` (static output shapes; works under jit, vmap and pmap):
+Two implementations (`config.model.mask_head.target_impl`), equal bit for bit:
+* 'device' (default, `device_mask_targets`): `ops/polygon_raster`, inside the step;
+* 'pycocotools' (`mask_targets`): a host `jax.pure_callback` into pycocotools (static
+  output shapes; works under jit, vmap and pmap), the reference.
+
+Both read the packed exact polygons of the batch (`gt_poly_xy64` float64 bits,
+`gt_poly_part`, `gt_poly_area64`: what detectron2 rasterises, float64 from the JSON
+through resize and flip); without them, the float32 `gt_polys` / `gt_poly_len`.
 
 * 28x28 target of a foreground RoI (detectron2 `rasterize_polygons_within_box`): the
   matched GT's polygon parts (float64) shifted by the box's (x0, y0), scaled by
@@ -12,11 +18,8 @@ RoI boxes exist only on device, so the targets are computed on the host with
   not merged), divided by the summed shoelace area of the parts, clamped to [0, 1]
   (then `losses.maskiou_targets` applies max(ratio, 1e-10)). A zero shoelace area gives 0.
 
-Polygons arrive as float32 (the batch contract); detectron2 keeps them in float64, so
-coordinates that are not float32-representable can, in rare borderline cases, flip a
-rasterised pixel relative to the official targets. For bit-exact targets pass the
-float64 polygons as their raw bits instead: uint32 [..., V, 2, 2] words from
-`float64_words(p64)` (works with x64 disabled; costs twice the transfer).
+float32 polygons are not detectron2's float64 ones: a coordinate that is not
+float32-representable can, in rare borderline cases, flip a rasterised pixel.
 """
 import warnings
 
@@ -25,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import pycocotools.mask as mask_util
 
+from centermask_jax.data import transforms
+from centermask_jax.ops import polygon_raster
+
 
 def _instance_parts(polys, lens):
   """polys [P, V, 2] float64, lens [P] -> list of flat [x0, y0, x1, y1, ...] parts."""
@@ -32,11 +38,7 @@ def _instance_parts(polys, lens):
 
 
 def _shoelace(parts):
-  area = 0.0
-  for p in parts:
-    x, y = p[0::2], p[1::2]
-    area += 0.5 * np.abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
-  return area
+  return transforms.polygon_area([p.reshape(-1, 2) for p in parts])
 
 
 def _roi_target(parts, box, mask_size):
@@ -104,6 +106,80 @@ def _host_mask_targets(boxes, matched_idx, roi_valid, gt_polys, gt_poly_len, mas
       continue
     targets[n, r_idx], ratios[n, r_idx] = _roi_target(parts, boxes[n, r_idx], mask_size)
   return (targets.reshape(lead + (r, mask_size, mask_size)), ratios.reshape(lead + (r,)))
+
+
+def _packed_parts(xy_words, part):
+  """Packed uint32 [K, 2, 2] float64 words, part [K] -> list of flat float64 parts."""
+  xy = np.ascontiguousarray(xy_words).view(np.float64)[..., 0]
+  return [xy[part == j].reshape(-1) for j in range(int(part.max()) + 1) if np.any(part == j)]
+
+
+def _host_packed_targets(boxes, matched_idx, roi_valid, xy_words, part, mask_size):
+  """Numpy body of `mask_targets_packed` ([N, R] RoIs, [N, M, K, ...] packed GT)."""
+  boxes = np.asarray(boxes, np.float32)
+  targets = np.zeros(boxes.shape[:2] + (mask_size, mask_size), bool)
+  ratios = np.zeros(boxes.shape[:2], np.float32)
+  for n, r_idx in zip(*np.nonzero(np.asarray(roi_valid))):
+    g = int(matched_idx[n, r_idx])
+    parts = _packed_parts(xy_words[n, g], part[n, g])
+    if parts:
+      targets[n, r_idx], ratios[n, r_idx] = _roi_target(parts, boxes[n, r_idx], mask_size)
+  return targets, ratios
+
+
+def mask_targets_packed(roi_boxes, matched_idx, roi_valid, gt_poly_xy64, gt_poly_part,
+                        mask_size: int = 28):
+  """`mask_targets` on the packed exact polygons (host callback, pycocotools).
+
+  roi_boxes [N, R, 4], matched_idx [N, R], roi_valid [N, R], gt_poly_xy64 uint32
+  [N, M, K, 2, 2], gt_poly_part [N, M, K] -> (bool [N, R, S, S], float32 [N, R])."""
+  n, r = roi_boxes.shape[:2]
+  out = (jax.ShapeDtypeStruct((n, r, mask_size, mask_size), jnp.bool_),
+         jax.ShapeDtypeStruct((n, r), jnp.float32))
+  args = [jax.lax.stop_gradient(a) for a in (
+      jnp.asarray(roi_boxes, jnp.float32), jnp.asarray(matched_idx, jnp.int32),
+      jnp.asarray(roi_valid, bool), jnp.asarray(gt_poly_xy64, jnp.uint32),
+      jnp.asarray(gt_poly_part, jnp.int32))]
+  return jax.pure_callback(
+      lambda *a: _host_packed_targets(*(np.asarray(x) for x in a), mask_size=mask_size),
+      out, *args, vmap_method="sequential")
+
+
+def _device_fallback_polys(gt_polys, gt_poly_len):
+  """float32 [N, M, P, V, 2], [N, M, P] -> packed (xy f32 [N, M, P*V, 2], part [N, M, P*V],
+  area float32-input shoelace in float64 [N, M]) for batches without the exact fields."""
+  n, m, p, v = gt_polys.shape[:4]
+  live = jnp.arange(v)[None, None, None, :] < gt_poly_len[..., None]
+  part = jnp.where(live, jnp.arange(p)[None, None, :, None], -1).reshape(n, m, p * v)
+  with jax.enable_x64(True):
+    xy = gt_polys.astype(jnp.float64)
+    last = jnp.maximum(gt_poly_len - 1, 0)
+    prev_idx = jnp.where(jnp.arange(v) == 0, last[..., None], jnp.arange(v) - 1)
+    prev = jnp.take_along_axis(xy, jnp.broadcast_to(prev_idx[..., None], xy.shape), axis=3)
+    cross = jnp.where(live, xy[..., 0] * prev[..., 1] - xy[..., 1] * prev[..., 0], 0.0)
+    area = jnp.sum(0.5 * jnp.abs(jnp.sum(cross, axis=-1)), axis=-1)
+  return gt_polys.reshape(n, m, p * v, 2), part, area
+
+
+def device_mask_targets(roi_boxes, matched_idx, roi_valid, batch, mask_size: int = 28,
+                        num_parts: int = 16):
+  """On-device exact targets (`ops/polygon_raster`): roi_boxes [N, R, 4], matched_idx
+  [N, R], roi_valid [N, R], batch with the packed exact polygon fields (or the float32
+  ones) -> (targets bool [N, R, S, S], ratio float32 [N, R], overflow bool [])."""
+  if "gt_poly_xy64" in batch:
+    xy, part, area = batch["gt_poly_xy64"], batch["gt_poly_part"], batch["gt_poly_area64"]
+  else:
+    xy, part, area = _device_fallback_polys(batch["gt_polys"], batch["gt_poly_len"])
+    num_parts = batch["gt_polys"].shape[2]
+  idx = jnp.asarray(matched_idx, jnp.int32)
+
+  def per_roi(a):  # [N, M, ...] -> [N, R, ...] rows of the matched GT
+    return jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1,
+                               mode="clip")
+  boxes = jax.lax.stop_gradient(jnp.asarray(roi_boxes, jnp.float32))
+  return polygon_raster.roi_mask_targets(
+      boxes, per_roi(xy), per_roi(part), per_roi(area), jnp.asarray(roi_valid, bool),
+      mask_size=mask_size, num_parts=num_parts)
 
 
 def mask_targets(roi_boxes, matched_idx, roi_valid, gt_polys, gt_poly_len,

@@ -53,6 +53,26 @@ def mask_loss_axis(config, axis_name: Optional[str]) -> Optional[str]:
   return axis_name if norm == "global" else None
 
 
+def mask_targets(config, boxes, matched_idx, fg_valid, batch, mask_size: int):
+  """Foreground RoIs [N, R] -> (28x28 targets bool [N, R, S, S], MaskIoU ratio [N, R],
+  overflow bool [] (device targets ran out of crossing slots)) by
+  `config.model.mask_head.target_impl`: 'device' (default) or 'pycocotools' (host callback)."""
+  impl = config.model.mask_head.get("target_impl", "device")
+  if impl == "device":
+    return MT.device_mask_targets(boxes, matched_idx, fg_valid, batch, mask_size=mask_size,
+                                  num_parts=int(config.data.max_polygon_parts))
+  if impl != "pycocotools":
+    raise ValueError(f"model.mask_head.target_impl must be 'device' or 'pycocotools', "
+                     f"got {impl!r}")
+  if "gt_poly_xy64" in batch:
+    mt, ratio = MT.mask_targets_packed(boxes, matched_idx, fg_valid, batch["gt_poly_xy64"],
+                                       batch["gt_poly_part"], mask_size=mask_size)
+  else:
+    mt, ratio = MT.mask_targets(boxes, matched_idx, fg_valid, batch["gt_polys"],
+                                batch["gt_poly_len"], mask_size=mask_size)
+  return mt, ratio, jnp.zeros((), bool)
+
+
 def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
             axis_name: Optional[str] = AXIS, capture: bool = False):
   """Per-device total loss.
@@ -98,8 +118,8 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
   pooled, _ = model.pool_rois(fpn, boxes, image_hw, padded_hw)
   mask_all, _ = model.mask_logits(variables, pooled)
   cls_logits = postprocess.select_class_masks(mask_all, fg["gt_classes"]).astype(jnp.float32)
-  mt, ratio = MT.mask_targets(boxes, fg["matched_idx"], fg["fg"], batch["gt_polys"],
-                              batch["gt_poly_len"], mask_size=cls_logits.shape[-1])
+  mt, ratio, target_overflow = mask_targets(config, boxes, fg["matched_idx"], fg["fg"], batch,
+                                            mask_size=cls_logits.shape[-1])
   mask_axis = mask_loss_axis(config, axis_name)
   loss_mask = L.mask_loss(cls_logits, mt, fg["fg"], axis_name=mask_axis)
   iou_all = model.maskiou(variables, pooled, jax.nn.sigmoid(cls_logits).astype(compute))
@@ -112,7 +132,8 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
             "loss_fcos_ctr": fl["loss_fcos_ctr"], "loss_mask": loss_mask,
             "loss_maskiou": loss_maskiou}
   total = sum(losses[k] for k in LOSS_KEYS)
-  aux = dict(losses, num_pos=fl["num_pos"], num_fg=jnp.sum(fg["fg"]).astype(jnp.float32))
+  aux = dict(losses, num_pos=fl["num_pos"], num_fg=jnp.sum(fg["fg"]).astype(jnp.float32),
+             mask_target_overflow=target_overflow.astype(jnp.float32))
   if capture:
     aux["inter"] = {"fcos_targets": tg, "proposals": det, "fg_rois": fg, "mask_targets": mt,
                     "mask_prob_gtcls": jax.nn.sigmoid(cls_logits), "maskiou_targets": iou_t,
