@@ -425,3 +425,30 @@ def test_eval_gt_is_exactly_what_the_builder_kept(tiny_coco, tmp_path):
   ev.accumulate()
   ev.summarize()
   assert ev.stats[0] == pytest.approx(1.0)
+
+
+def test_failed_rebuild_keeps_the_dataset_and_names_the_skips(tiny_coco, tmp_path, capsys):
+  """Issue 12.3: rebuilding over an existing dataset with a wrong image folder fails with
+  the per-reason counts and the missing files named (all in prepare_report.json), and the
+  existing dataset is still there, unchanged (it was deleted first before)."""
+  t = str(tiny_coco)
+  data_dir = str(tmp_path / "tfds")
+  args = ["--name", "keep", "--val-json", _json(t, "val"), "--data-dir", data_dir]
+  rc, _ = _run_cli(args + ["--val-images", f"{t}/val2017"])
+  assert rc == 0
+  info = pipeline.dataset_info(data_dir, "keep")
+  gt_before = open(info.gt_json["val"]).read()
+  with open(_json(t, "val")) as f:
+    in_order = [im["file_name"] for im in json.load(f)["images"]]
+  names = sorted(in_order)
+  rc, out = _run_cli(args + ["--val-images", str(tmp_path / "wrong")])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.count("error:") == 1, err
+  assert f"missing_file={len(names)}" in out and in_order[0] in out, out
+  report = json.load(open(os.path.join(os.path.dirname(info.path), "prepare_report.json")))
+  assert report["status"].startswith("failed")
+  assert sorted(report["splits"]["val"]["skipped_files"]["missing_file"]) == names
+  info2 = pipeline.dataset_info(data_dir, "keep")
+  assert open(info2.gt_json["val"]).read() == gt_before
+  assert info2.num_train_images == info.num_train_images
+  assert not [p for p in os.listdir(data_dir) if p.startswith(".prepare_")]

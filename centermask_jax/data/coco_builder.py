@@ -201,6 +201,12 @@ class BuildStats:
   # records and their kept annotations, polygons restricted to the kept parts.
   gt_images: List[dict] = dataclasses.field(default_factory=list, repr=False)
   gt_annotations: List[dict] = dataclasses.field(default_factory=list, repr=False)
+  # What was skipped, by reason (prepare_report.json; not in to_json): image file names,
+  # annotation ids.
+  gt_skipped_files: Dict[str, List[str]] = dataclasses.field(
+      default_factory=lambda: collections.defaultdict(list), repr=False)
+  gt_dropped_ids: Dict[str, List] = dataclasses.field(
+      default_factory=lambda: collections.defaultdict(list), repr=False)
 
   def line(self, split: str) -> str:
     return (f"split={split} images={self.images} instances={self.instances} crowd={self.crowd} "
@@ -209,6 +215,17 @@ class BuildStats:
   def reasons(self) -> List[str]:
     return ([f"  skipped image: {k}={v}" for k, v in sorted(self.skip_reasons.items())] +
             [f"  dropped instance: {k}={v}" for k, v in sorted(self.drop_reasons.items())])
+
+  def report(self) -> dict:
+    """to_json() + every skipped image file and dropped annotation id, by reason."""
+    return dict(self.to_json(), skipped_files=dict(self.gt_skipped_files),
+                dropped_annotation_ids=dict(self.gt_dropped_ids))
+
+  def named(self, n: int = 5) -> List[str]:
+    """Up to n skipped files per reason, one line each."""
+    return [f"  skipped files ({k}): " + ", ".join(v[:n]) + (f" ... (+{len(v) - n})"
+                                                           if len(v) > n else "")
+            for k, v in sorted(self.gt_skipped_files.items())]
 
   def to_json(self) -> dict:
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
@@ -227,6 +244,7 @@ def iter_examples(json_path: str, image_dir: str, cat_to_label: Dict[int, int],
     if a.get("image_id") not in image_ids:  # orphan: its image is not in "images"
       stats.dropped_instances += 1
       stats.drop_reasons["orphan_image_id"] += 1
+      stats.gt_dropped_ids["orphan_image_id"].append(a.get("id"))
       continue
     by_image[a["image_id"]].append(a)
   seen = set()
@@ -236,6 +254,7 @@ def iter_examples(json_path: str, image_dir: str, cat_to_label: Dict[int, int],
     if iid in seen:
       stats.skipped_images += 1
       stats.skip_reasons["duplicate_image_id"] += 1
+      stats.gt_skipped_files["duplicate_image_id"].append(str(im.get("file_name")))
       continue
     seen.add(iid)
     path = os.path.join(image_dir, str(im["file_name"]))
@@ -253,6 +272,7 @@ def iter_examples(json_path: str, image_dir: str, cat_to_label: Dict[int, int],
     if reason:
       stats.skipped_images += 1
       stats.skip_reasons[reason] += 1
+      stats.gt_skipped_files[reason].append(str(im["file_name"]))
       stats.dropped_instances += len(anns)
       stats.drop_reasons["in_skipped_image"] += len(anns)
       continue
@@ -263,6 +283,7 @@ def iter_examples(json_path: str, image_dir: str, cat_to_label: Dict[int, int],
       if obj is None:
         stats.dropped_instances += 1
         stats.drop_reasons[parts] += 1
+        stats.gt_dropped_ids[parts].append(a.get("id"))
         continue
       objs.append(obj)
       stats.gt_annotations.append(_gt_annotation(a, parts))

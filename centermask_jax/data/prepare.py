@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
 
@@ -78,36 +79,83 @@ def build_dataset(name: str, splits: Sequence[Tuple[str, str, str]], data_dir: s
         description=f"COCO-format instances from {', '.join(j for _, j, _ in splits)}")
   for _, js, _ in splits:  # validate every JSON first: one clear error, nothing written
     coco_builder.load_coco_json(js)
-  if os.path.exists(out_dir):
-    if not overwrite:
-      raise FileExistsError(out_dir)
-    shutil.rmtree(out_dir)
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(out_dir)
   import tensorflow_datasets as tfds
   if quiet:
     tfds.disable_progress_bar()
-  builder = coco_builder.CocoInstances(
-      config=config, data_dir=data_dir,
-      manual_dir_override=os.path.abspath(coco_dir) if coco_dir else None)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=os.path.abspath(coco_dir) if coco_dir else None))
-  stats = builder.build_stats
-  cats = builder.categories()
-  meta = dict(name=name, categories=[[c, n] for c, n in cats], splits={}, gt_json={})
-  for split, js, imgs in splits:
-    meta["splits"][split] = dict(stats[split].to_json(), source_json=js, image_dir=imgs)
-    if split != "train":
-      fname = f"gt_{split}.json"
-      write_gt_subset(js, stats_image_ids(builder, split), os.path.join(out_dir, fname),
-                      stats[split])
-      meta["gt_json"][split] = fname
-  with open(os.path.join(out_dir, META_FILE), "w") as f:
-    json.dump(meta, f, indent=1)
-  if not quiet:
-    for split, _, _ in splits:
-      print(stats[split].line(split))
-      for r in stats[split].reasons():
-        print(r)
+  # Built into a temporary directory beside the dataset and swapped in only on success: a
+  # failed or interrupted rebuild leaves the existing dataset as it was.
+  os.makedirs(data_dir, exist_ok=True)
+  tmp_root = tempfile.mkdtemp(dir=data_dir, prefix=f".prepare_{name}_")
+  report_path = os.path.join(os.path.dirname(out_dir), REPORT_FILE)
+  builder = None
+  try:
+    builder = coco_builder.CocoInstances(
+        config=config, data_dir=tmp_root,
+        manual_dir_override=os.path.abspath(coco_dir) if coco_dir else None)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=os.path.abspath(coco_dir) if coco_dir else None))
+    stats = builder.build_stats
+    tmp_out = dataset_dir(tmp_root, name)
+    cats = builder.categories()
+    meta = dict(name=name, categories=[[c, n] for c, n in cats], splits={}, gt_json={})
+    for split, js, imgs in splits:
+      meta["splits"][split] = dict(stats[split].to_json(), source_json=js, image_dir=imgs)
+      if split != "train":
+        fname = f"gt_{split}.json"
+        write_gt_subset(js, stats_image_ids(builder, split), os.path.join(tmp_out, fname),
+                        stats[split])
+        meta["gt_json"][split] = fname
+    with open(os.path.join(tmp_out, META_FILE), "w") as f:
+      json.dump(meta, f, indent=1)
+    _swap_in(tmp_out, out_dir)
+  except BaseException as e:
+    stats = dict(getattr(builder, "build_stats", None) or {})
+    _report(stats, splits, report_path, quiet, failed=f"{type(e).__name__}: {e}")
+    raise
+  finally:
+    shutil.rmtree(tmp_root, ignore_errors=True)
+  _report(stats, splits, report_path, quiet)
   return stats
+
+
+REPORT_FILE = "prepare_report.json"
+
+
+def _swap_in(new_dir: str, out_dir: str):
+  """Replaces out_dir by new_dir (renames on one filesystem; the old copy removed last)."""
+  os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+  old = None
+  if os.path.exists(out_dir):
+    old = out_dir + f".old-{os.getpid()}"
+    os.rename(out_dir, old)
+  os.rename(new_dir, out_dir)
+  if old:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _report(stats, splits, path: str, quiet: bool, failed: Optional[str] = None,
+            n: int = 5):
+  """Per-split counts and reasons (+ up to n skipped files per reason) on stdout, and all
+  of it (every skipped file, dropped annotation id) in `path`."""
+  out = {"status": "failed: " + failed if failed else "ok", "splits": {}}
+  for split, js, imgs in splits:
+    if split in stats:
+      out["splits"][split] = dict(stats[split].report(), source_json=js, image_dir=imgs)
+      if not quiet or failed:
+        print(stats[split].line(split))
+        for r in stats[split].reasons() + stats[split].named(n):
+          print(r)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(out, f, indent=1)
+  except OSError:
+    return
+  if not quiet or failed:
+    print(f"report: {path}" + (" (build failed; the existing dataset, if any, is unchanged)"
+                               if failed else ""))
 
 
 def prepare_synthetic(data_dir: str, name: str = SYNTHETIC_NAME, seed: int = 0,
@@ -192,6 +240,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     build_dataset(a.name, splits, a.data_dir)
   except coco_builder.CocoFormatError as e:
     print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (OSError, ValueError, AssertionError) as e:  # e.g. no image readable: counts above
+    print(f"error: building dataset {a.name!r} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+          file=sys.stderr)
     return 2
   return 0
 
