@@ -121,12 +121,47 @@ def bench_bn_fold(iters):
           f"  folded {t2[0]:.4f}/{t2[1]:.4f} (rel err {err:.1e})", flush=True)
 
 
+# (label, N, H, W, Cin, Cout, k, stride)
+DENSE = [
+    ("fcos tower P3 3x3", 2, 108, 100, 128, 128, 3, 1),
+    ("mask_fcn 3x3 (118 RoIs/img)", 236, 14, 14, 128, 128, 3, 1),
+    ("maskiou_fcn s2", 236, 14, 14, 129, 128, 3, 2),
+    ("mask predictor 1x1", 236, 28, 28, 128, 80, 1, 1),
+    ("mv2 features.3 expand 1x1", 2, 216, 200, 24, 144, 1, 1),
+    ("v19dw stem_1 3x3 s2", 2, 864, 800, 3, 64, 3, 2),
+]
+
+
+def bench_dense_grad(iters):
+  """Dense conv forward + backward: XLA's conv gradients vs the matmul gradients."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from centermask_jax.ops import kernels as K
+  rng = np.random.default_rng(0)
+  for label, n, h, w, ci, co, k, s in DENSE:
+    x = jnp.asarray(rng.normal(size=(n, h, w, ci)), jnp.float32)
+    kern = jnp.asarray(rng.normal(size=(k, k, ci, co)) / np.sqrt(k * k * ci), jnp.float32)
+    row = [f"{label:28s} {n}x{h}x{w}x{ci}->{co} k{k} s{s}"]
+    ref = None
+    for impl in ("lax", "dot"):
+      g = jax.jit(jax.grad(lambda x, kk, impl=impl: jnp.sum(jnp.tanh(
+          K.conv2d(x, kk, s, k // 2, impl=impl))), (0, 1)))
+      out = g(x, kern)
+      ref = out if ref is None else ref
+      err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(out, ref))
+      wt, ct = bench(g, (x, kern), iters)
+      row.append(f"{impl} fwd+bwd {wt:.4f}/{ct:.4f}" + (f" (rel err {err:.1e})"
+                                                         if impl != "lax" else ""))
+    print("  ".join(row), flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--grad", action="store_true")
-  ap.add_argument("--only", choices=("depthwise", "nms", "deconv", "bn"), help="run one section")
+  ap.add_argument("--only", choices=("depthwise", "nms", "deconv", "bn", "dense"), help="run one section")
   args = ap.parse_args()
   sys.path.insert(0, REPO)
   import jax
@@ -141,6 +176,8 @@ def main():
     bench_deconv(args.iters)
   if args.only in (None, "bn"):
     bench_bn_fold(args.iters)
+  if args.only in (None, "dense"):
+    bench_dense_grad(args.iters)
   if args.only not in (None, "depthwise"):
     return
   for label, n, h, w, c, s in DEPTHWISE:

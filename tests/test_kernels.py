@@ -47,3 +47,21 @@ def test_conv2d_dispatch():
                                 K.lax_conv2d(x, grouped, 1, 1, groups=2))
   dense = _rand((1, 1, 6, 4), 6)
   np.testing.assert_array_equal(K.conv2d(x, dense), K.lax_conv2d(x, dense))
+
+
+# (N, H, W, Cin, Cout, k, stride, pad): 1x1, 3x3 s1/s2 (odd and even sizes), 3x3 no pad
+DENSE = [(2, 9, 12, 5, 7, 1, 1, 0), (2, 9, 12, 5, 7, 3, 1, 1), (1, 10, 7, 4, 6, 3, 2, 1),
+         (2, 11, 11, 3, 8, 3, 2, 1), (1, 9, 8, 4, 3, 3, 1, 0), (1, 8, 8, 4, 5, 1, 2, 0)]
+
+
+@pytest.mark.parametrize("n,h,w,ci,co,k,s,p", DENSE)
+def test_dense_dot_grad_equals_lax_conv_grads(n, h, w, ci, co, k, s, p):
+  x, kern = _rand((n, h, w, ci), 7), _rand((k, k, ci, co), 8)
+  ref = K.lax_conv2d(x, kern, s, p)
+  np.testing.assert_array_equal(K.conv2d_dot_grad(x, kern, s, p), ref)  # same forward op
+  g = _rand(ref.shape, 9)
+  f = lambda fn: jax.grad(lambda a, b: jnp.sum(jnp.tanh(fn(a, b)) * g), (0, 1))(x, kern)
+  gx_ref, gk_ref = f(lambda a, b: K.lax_conv2d(a, b, s, p))
+  gx, gk = f(lambda a, b: K.conv2d(a, b, s, p, impl="dot"))
+  np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(gk, gk_ref, rtol=1e-5, atol=1e-4)

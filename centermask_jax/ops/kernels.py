@@ -7,6 +7,11 @@ measured faster on the backend (`benchmarks/kernels.py`):
 * depthwise (groups == C_in == C_out): on CPU, XLA lowers a grouped conv to one small
   contraction per group; a k x k depthwise conv is instead computed as k*k shifted
   multiply-adds of strided slices (one fused elementwise loop, forward and backward).
+* 1x1 dense convs, backward: XLA:CPU's kernel-gradient convolution is 1.5-2x slower than
+  the plain matmul dK = x^T @ g (contraction over N, H', W'). On CPU the forward stays
+  XLA's conv and the gradients are matmuls (`conv2d_dot_grad`, which also handles k x k
+  and strides: dK per tap, dx by XLA's transposed conv for stride 1, else g @ K[i, j]^T
+  placed on the strided tap grid; for 3x3 it measured slower than XLA, so only 1x1 uses it).
 
 Layout NHWC / HWIO as `lax.conv_general_dilated(..., ("NHWC", "HWIO", "NHWC"))`.
 """
@@ -18,6 +23,8 @@ import jax.numpy as jnp
 
 # backend -> implementation of depthwise convs ("lax" | "shifted"); see benchmarks/kernels.py.
 DEPTHWISE_IMPL = {"cpu": "shifted"}
+# backend -> gradient of dense 1x1 convs ("lax" | "dot").
+DENSE_1X1_GRAD_IMPL = {"cpu": "dot"}
 
 
 def _backend() -> str:
@@ -54,11 +61,60 @@ def depthwise_shifted(x, kernel, stride: int = 1, pad: int = 0):
   return acc
 
 
+def _tap(xp, i, j, stride, ho, wo):
+  """Strided slice of the padded input seen by kernel tap (i, j): [N, ho, wo, C]."""
+  n, _, _, c = xp.shape
+  return jax.lax.slice(xp, (0, i, j, 0),
+                       (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                       (1, stride, stride, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_dot_grad(x, kernel, stride: int = 1, pad: int = 0):
+  """Dense conv (groups 1) = `lax_conv2d`, with gradients computed as matmuls."""
+  return lax_conv2d(x, kernel, stride, pad)
+
+
+def _dot_grad_fwd(x, kernel, stride, pad):
+  return lax_conv2d(x, kernel, stride, pad), (x, kernel)
+
+
+def _dot_grad_bwd(stride, pad, res, g):
+  x, kernel = res
+  n, h, w, cin = x.shape
+  kh, kw, _, cout = kernel.shape
+  ho, wo = g.shape[1:3]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  dk = jnp.stack([
+      jnp.einsum("nhwc,nhwd->cd", _tap(xp, i, j, stride, ho, wo), g,
+                 preferred_element_type=acc)
+      for i in range(kh) for j in range(kw)]).reshape(kernel.shape).astype(kernel.dtype)
+  if stride == 1:
+    dx = jax.vjp(lambda a: lax_conv2d(a, kernel, 1, pad), x)[1](g)[0]
+  else:
+    hp, wp = xp.shape[1:3]
+    dxp = None
+    for i in range(kh):
+      for j in range(kw):
+        t = jnp.einsum("nhwd,cd->nhwc", g, kernel[i, j], preferred_element_type=acc)
+        t = jax.lax.pad(t, jnp.zeros((), t.dtype),
+                        ((0, 0, 0), (i, hp - i - stride * (ho - 1) - 1, stride - 1),
+                         (j, wp - j - stride * (wo - 1) - 1, stride - 1), (0, 0, 0)))
+        dxp = t if dxp is None else dxp + t
+    dx = dxp[:, pad:pad + h, pad:pad + w].astype(x.dtype)
+  return dx, dk
+
+
+conv2d_dot_grad.defvjp(_dot_grad_fwd, _dot_grad_bwd)
+
+
 def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
            impl: Optional[str] = None):
   """The model's conv: x [N, H, W, Cin], kernel [k, k, Cin/groups, Cout] -> [N, H', W', Cout].
 
-  impl: None = the backend's choice, "lax" or "shifted" (depthwise only) to force one.
+  impl: None = the backend's choice; "lax" forces XLA's conv (and its gradients),
+  "shifted" the depthwise rewrite (depthwise only), "dot" the matmul gradients (groups 1).
   """
   cin, cout = x.shape[-1], kernel.shape[-1]
   depthwise = groups > 1 and groups == cin == cout
@@ -66,4 +122,9 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
     impl = impl or DEPTHWISE_IMPL.get(_backend(), "lax")
     if impl == "shifted":
       return depthwise_shifted(x, kernel, stride, pad)
+  elif groups == 1:
+    if impl is None and kernel.shape[0] * kernel.shape[1] == 1:
+      impl = DENSE_1X1_GRAD_IMPL.get(_backend(), "lax")
+    if impl == "dot":
+      return conv2d_dot_grad(x, kernel, stride, pad)
   return lax_conv2d(x, kernel, stride, pad, groups)
