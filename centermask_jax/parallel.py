@@ -110,3 +110,47 @@ def make_shard_map_step(step_fn: Callable, mesh: Mesh, donate_state: bool = True
                          out_specs=(P(), P()), check_vma=False)
   return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
+
+def batch_sharding(devices):
+  """The sharding pmap gives a [D, ...] array over the local `devices` (its input layout)."""
+  probe = jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(
+      np.zeros((len(devices),), np.int8))
+  return probe.sharding
+
+
+class DevicePrefetch:
+  """Iterator of [D, B, ...] batches copied to the devices `size` batches ahead: copies are
+  asynchronous, so batch i+1 travels while step i runs. get_state() / set_state() are the
+  wrapped iterator's, as of the next batch this one yields (exact resume)."""
+
+  def __init__(self, iterator, devices, size: int = 2):
+    self._it, self._size = iterator, max(1, int(size))
+    self._sharding = batch_sharding(list(devices))
+    self._queue = []  # (state before the batch, device batch)
+
+  def __iter__(self):
+    return self
+
+  def _fill(self):
+    while len(self._queue) < self._size:
+      state = self._it.get_state()
+      try:
+        batch = next(self._it)
+      except StopIteration:
+        return
+      self._queue.append((state, jax.device_put(batch, self._sharding)))
+
+  def __next__(self):
+    self._fill()
+    if not self._queue:
+      raise StopIteration
+    _, batch = self._queue.pop(0)
+    self._fill()
+    return batch
+
+  def get_state(self):
+    return self._queue[0][0] if self._queue else self._it.get_state()
+
+  def set_state(self, state):
+    self._queue.clear()
+    self._it.set_state(state)

@@ -372,3 +372,22 @@ def test_init_from_imagenet_backbone_checkpoint(setup, tmp_path):
   path.write_bytes(pickle.dumps({"model": bare}))
   with pytest.raises(official.CheckpointMismatchError, match=key.replace("/", ".")[:20]):
     trainer.init_variables(model, c, jax.random.PRNGKey(0))
+
+
+def test_device_prefetch_keeps_order_state_and_layout():
+  """DevicePrefetch: same batches in order, already laid out as pmap's inputs, and
+  get_state() = the position of the next batch it yields (checkpoints resume exactly)."""
+  devs = jax.local_devices()
+  p = parallel.DevicePrefetch(FakeIterator(4, 1), devs, size=2)
+  assert p.get_state() == {"step": 0}
+  first = next(p)
+  assert p.get_state() == {"step": 1}
+  np.testing.assert_array_equal(np.asarray(first["image"]),
+                                split(make_batch(4, 100), 4)["image"])
+  assert first["image"].sharding == parallel.batch_sharding(devs)
+  p.set_state({"step": 5})
+  assert p.get_state() == {"step": 5}
+  np.testing.assert_array_equal(np.asarray(next(p)["gt_boxes"]),
+                                split(make_batch(4, 105), 4)["gt_boxes"])
+  assert p.get_state() == {"step": 6}
+
