@@ -106,6 +106,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.keep_checkpoints = 3
   t.eval_every = 0              # N > 0: every N steps and at max_iter; 0: at max_iter only; -1: never
   t.bf16 = False
+  # A step whose loss, gradient norm or updated state is not finite: False = stop the run
+  # (naming the step and the checkpoint to resume from); True = leave params and optimiser
+  # state unchanged for that step and count it (metric skipped_total).
+  t.skip_nonfinite_steps = False
   # Mask / MaskIoU loss normaliser over devices: "per_device" = centermask2 under DDP (each
   # device's mean over its own foreground RoIs, gradients then averaged); "global" = sums
   # over the all-device RoI counts (gradient independent of how the batch is split).

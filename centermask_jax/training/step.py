@@ -164,9 +164,43 @@ def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS):
     metrics["num_fg"] = metrics["num_fg"] * jax.lax.psum(1, axis_name)
   metrics["lr"] = lr_fn(state["step"])
   metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics.update(finiteness(metrics, params, opt_state))
+  if bool(config.train.get("skip_nonfinite_steps", False)):
+    # A non-finite step leaves params and optimiser state as they were (counted in
+    # metrics["skipped"]); the step counter still moves on.
+    ok = metrics["nonfinite"] == 0
+    params, opt_state = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(ok, new, old), (params, opt_state),
+        (state["params"], state["opt_state"]))
+    metrics["skipped"] = (~ok).astype(jnp.float32)
   new_state = {"step": state["step"] + 1, "params": params, "frozen_bn": state["frozen_bn"],
                "opt_state": opt_state}
   return new_state, metrics
+
+
+# Codes of metrics["nonfinite"]: the first non-finite quantity of a step, in this order.
+NONFINITE = {0: None, 1: "loss", 2: "grad_norm", 3: "updated params",
+             4: "updated optimizer state"}
+
+
+def _count_nonfinite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree_util.tree_leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return sum((jnp.sum(~jnp.isfinite(x)).astype(jnp.float32) for x in leaves),
+             jnp.zeros((), jnp.float32))
+
+
+def finiteness(metrics, params, opt_state) -> Dict[str, jax.Array]:
+  """In-step finiteness guard: {"nonfinite": code of the first non-finite quantity (see
+  NONFINITE; 0 = all finite), "nonfinite_params" / "nonfinite_opt_state": counts of
+  non-finite values in the updated state} (float32 scalars, the same on every device)."""
+  loss_bad = ~jnp.isfinite(metrics["total_loss"])
+  for k in LOSS_KEYS:
+    loss_bad = loss_bad | ~jnp.isfinite(metrics[k])
+  n_params, n_opt = _count_nonfinite(params), _count_nonfinite(opt_state)
+  code = jnp.select([loss_bad, ~jnp.isfinite(metrics["grad_norm"]), n_params > 0, n_opt > 0],
+                    [1, 2, 3, 4], 0).astype(jnp.float32)
+  return {"nonfinite": code, "nonfinite_params": n_params, "nonfinite_opt_state": n_opt}
 
 
 def make_train_step(model, config, tx, lr_fn, devices=None, mode: str = "pmap"):

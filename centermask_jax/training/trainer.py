@@ -29,13 +29,10 @@ from centermask_jax.checkpoints import workdir as ckpt_workdir
 from centermask_jax import runlog
 from centermask_jax.models.centermask import CenterMask, count_values
 from centermask_jax.training import checkpointing, optimizer as opt_lib, step as step_lib
+from centermask_jax.training.guard import Guard, NonFiniteLossError
 
 log = logging.getLogger("centermask_jax.train")
 _RUN_LOG: Optional[runlog.RunLog] = None  # the current run's console + log.txt
-
-
-class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
 def banner(title: str):
@@ -313,6 +310,9 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
   evaluation = _EvalHook(config, workdir, devices, writer, rl)
   step = saved = start
   stop = _StopOnSigint()
+  guard = Guard(bool(t.get("skip_nonfinite_steps", False)),
+                lambda: (mgr.wait_until_finished(), mgr.all_steps())[1],
+                ckpt_workdir.checkpoint_dir(workdir))
   try:
     stop.__enter__()
     while step < end and not stop.requested:
@@ -333,15 +333,8 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
         _say(f"compiled and ran step {step} for canvas {canvas[0]}x{canvas[1]} in {dt:.1f} s")
       else:
         speed.add(dt)
-      if not math.isfinite(metrics["total_loss"]):
-        mgr.wait_until_finished()
-        good = mgr.latest_step()
-        raise NonFiniteLossError(
-            f"non-finite total loss {metrics['total_loss']} at step {step} (losses: "
-            + ", ".join(f"{k}={metrics[k]:.4g}" for k in step_lib.LOSS_KEYS)
-            + "); training stopped. Last good checkpoint: "
-            + (f"{ckpt_workdir.checkpoint_dir(workdir)}/{good}" if good is not None
-               else "none") + ". Lower optim.base_lr or check the data.")
+      guard.check(step, metrics)  # non-finite: raises, or (skip mode) counts the skip
+      metrics["skipped_total"] = float(guard.skipped)
       last = metrics
       history.append(metrics["total_loss"])
       ips, eta = speed.images_per_s(), speed.eta(end - step)
