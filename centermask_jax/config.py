@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   # (naming the step and the checkpoint to resume from); True = leave params and optimiser
   # state unchanged for that step and count it (metric skipped_total).
   t.skip_nonfinite_steps = False
+  # Resume with a config that differs from the saved one (model, optimiser, batch,
+  # schedule, input): refused with the differences named unless True.
+  t.allow_config_change = False
   # Mask / MaskIoU loss normaliser over devices: "per_device" = centermask2 under DDP (each
   # device's mean over its own foreground RoIs, gradients then averaged); "global" = sums
   # over the all-device RoI counts (gradient independent of how the batch is split).

@@ -73,3 +73,20 @@ def latest_step(workdir: str) -> Optional[int]:
     return mgr.latest_step()
   finally:
     mgr.close()
+
+
+def read_latest_config(workdir: str) -> Optional[dict]:
+  """The `config` item (the run's config as JSON) of the latest checkpoint of a train.py
+  workdir (None: no checkpoint or no config item)."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return None
+  mgr = ocp.CheckpointManager(directory, item_names=ITEMS)
+  try:
+    step = mgr.latest_step()
+    if step is None or not os.path.isdir(os.path.join(directory, str(step), "config")):
+      return None
+    return dict(mgr.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"] or {})
+  finally:
+    mgr.close()

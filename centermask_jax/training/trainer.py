@@ -189,6 +189,13 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
            f"checkpoints in {ckpt_workdir.checkpoint_dir(workdir)}")
       return {"step": latest, "state": None, "metrics": {}, "loss_history": [], "eval": {},
               "interrupted": False}
+    if latest is not None:  # before config.json is rewritten
+      from centermask_jax.training import config_change
+      saved_config = ckpt_workdir.read_latest_config(workdir)
+      if saved_config:
+        for g, k, a, b in config_change.check(saved_config, config,
+                                              f"{ckpt_workdir.checkpoint_dir(workdir)}/{latest}"):
+          _say(f"config change allowed ({g}): {k} {a!r} -> {b!r}")
     _write_config(config, workdir, rl, lead)
     return _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, devices,
                   classes, latest, rl)

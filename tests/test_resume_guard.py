@@ -1,0 +1,57 @@
+"""Resume guard (issue 12.4): a changed config is named and refused before anything is
+built (it printed "resumed from ..." and failed after compiling, naming one parameter)."""
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+from centermask_jax.config import load_config
+from centermask_jax.training import checkpointing, config_change, trainer
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "synthetic_tiny.py")
+
+
+def _workdir_with_checkpoint(tmp_path, cfg):
+  wd = str(tmp_path / "w")
+  mgr = checkpointing.make_manager(wd, async_save=False)
+  checkpointing.save(mgr, 3, {"step": np.int32(3)}, {"step": 3}, cfg, meta={})
+  mgr.wait_until_finished()
+  mgr.close()
+  return wd
+
+
+def test_changed_config_is_named_and_refused(tmp_path, monkeypatch):
+  saved = load_config(CONFIG, {})
+  wd = _workdir_with_checkpoint(tmp_path, saved)
+  now = load_config(CONFIG, {"model.fpn_channels": saved.model.fpn_channels * 2,
+                             "optim.optimizer": "adamw" if saved.optim.optimizer == "sgd"
+                             else "sgd",
+                             "train.global_batch": saved.train.global_batch * 2,
+                             "train.log_every": 7, "optim.max_iter": 10 ** 6})
+  monkeypatch.setattr(trainer, "_train", lambda *a, **k: pytest.fail("built before check"))
+  with pytest.raises(config_change.ConfigChangeError) as e:
+    trainer.train_and_evaluate(now, wd, num_steps=1, async_checkpoints=False, quiet=True)
+  msg = str(e.value)
+  for piece in (f"model: model.fpn_channels {saved.model.fpn_channels} -> "
+                f"{saved.model.fpn_channels * 2}", "optimiser: optim.optimizer",
+                "batch: train.global_batch", "allow_config_change=True"):
+    assert piece in msg, msg
+  assert "log_every" not in msg and "max_iter" not in msg  # free to change
+  # allowed: the check passes and names the differences
+  now.train.allow_config_change = True
+  got = {k for _, k, _, _ in config_change.check(
+      trainer.ckpt_workdir.read_latest_config(wd), now, wd)}
+  assert got == {"model.fpn_channels", "optim.optimizer", "train.global_batch"}
+
+
+def test_train_cli_config_change_is_one_error_line(tmp_path, capsys):
+  sys.path.insert(0, str(REPO))
+  import train as train_cli
+  saved = load_config(CONFIG, {})
+  wd = _workdir_with_checkpoint(tmp_path, saved)
+  rc = train_cli.main(["--config", CONFIG, "--workdir", wd,
+                       f"--config.model.fpn_channels={saved.model.fpn_channels * 2}"])
+  err = capsys.readouterr().err
+  assert rc == 2 and err.count("error:") == 1 and "model.fpn_channels" in err, err
