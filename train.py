@@ -46,14 +46,11 @@ def main(argv=None):
                                num_processes=args.num_processes, process_id=args.process_id)
   from centermask_jax import compilation_cache
   compilation_cache.enable(cfg.get("compilation_cache_dir") or None)
-  from centermask_jax.training import config_change, trainer
-  try:
-    result = trainer.train_and_evaluate(cfg, args.workdir)
-  except config_change.ConfigChangeError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  from centermask_jax.training import trainer
+  result = trainer.train_and_evaluate(cfg, args.workdir)  # user errors: cli.run (one line)
   return 130 if result.get("interrupted") else 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from centermask_jax import cli
+  sys.exit(cli.run(main))

@@ -51,7 +51,8 @@ def test_train_cli_config_change_is_one_error_line(tmp_path, capsys):
   import train as train_cli
   saved = load_config(CONFIG, {})
   wd = _workdir_with_checkpoint(tmp_path, saved)
-  rc = train_cli.main(["--config", CONFIG, "--workdir", wd,
+  from centermask_jax import cli
+  rc = cli.run(train_cli.main, ["--config", CONFIG, "--workdir", wd,
                        f"--config.model.fpn_channels={saved.model.fpn_channels * 2}"])
   err = capsys.readouterr().err
   assert rc == 2 and err.count("error:") == 1 and "model.fpn_channels" in err, err
