@@ -287,8 +287,9 @@ def test_flip_mirrors_image_boxes_masks(built, tiny_coco):
   args = [ex["image"], ex["height"], ex["width"], np.frombuffer(ex["bbox_f64"], "<f8"),
           o["label"], o["is_crowd"], o["num_parts"], ex["poly_len"],
           np.frombuffer(ex["poly_xy"], "<f8"), np.int32(600)]
-  a = pipeline._host_example(*args, np.bool_(False), prm=prm)
-  f = pipeline._host_example(*args, np.bool_(True), prm=prm)
+  canvas = np.int32(prm["canvases"][0 if ex["width"] > ex["height"] else 1])  # its group's
+  a = pipeline._host_example(*args, np.bool_(False), canvas, prm=prm)
+  f = pipeline._host_example(*args, np.bool_(True), canvas, prm=prm)
   h, w = a[1]
   np.testing.assert_array_equal(f[0][:h, :w], a[0][:h, :w][:, ::-1])
   assert not f[0][h:].any() and not f[0][:, w:].any()
