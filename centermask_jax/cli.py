@@ -3,7 +3,8 @@
 `run(main, argv)` calls `main(argv)`; an error that is the user's input (a missing file or
 dataset, a refused or unreadable checkpoint / pickle, a checkpoint that does not fit the
 model, a changed config on resume, a class mismatch) becomes one `error: ...` line on
-stderr and exit status 2; a diverged run (non-finite step) one line and status 1.
+stderr and exit status 2; a diverged run (non-finite step) or a checkpoint that could not be saved one line,
+status 1.
 CENTERMASK_JAX_TRACEBACK=1 re-raises instead (full traceback).
 """
 import os
@@ -38,8 +39,9 @@ def run(main, argv=None) -> int:
   try:
     return main(argv)
   except Exception as e:  # noqa: BLE001 - classified below, re-raised if not ours
+    from centermask_jax.training.checkpointing import CheckpointSaveError
     from centermask_jax.training.guard import NonFiniteLossError
-    if isinstance(e, NonFiniteLossError):
+    if isinstance(e, (NonFiniteLossError, CheckpointSaveError)):
       print(error_line(e, limit=2000), file=sys.stderr)
       return RUN_ERROR
     if isinstance(e, _user_error_types()):

@@ -56,3 +56,43 @@ def test_train_cli_config_change_is_one_error_line(tmp_path, capsys):
                        f"--config.model.fpn_channels={saved.model.fpn_channels * 2}"])
   err = capsys.readouterr().err
   assert rc == 2 and err.count("error:") == 1 and "model.fpn_channels" in err, err
+
+
+class _FailingManager:
+  """Stand-in orbax manager whose first asynchronous save fails in the background."""
+
+  def __init__(self, fail_retry=False):
+    self.saves, self.errors, self.fail_retry = [], [], fail_retry
+
+  def save(self, step, args, force=True):
+    self.saves.append(step)
+    if len(self.saves) == 1 or self.fail_retry:
+      self.errors.append(OSError(28, "No space left on device"))
+
+  def check_for_errors(self):
+    if self.errors:
+      raise self.errors.pop(0)
+
+  def wait_until_finished(self):
+    pass
+
+  def is_saving_in_progress(self):
+    return False
+
+
+def test_failed_async_save_is_reported_at_the_next_step_and_retried_once():
+  """Issue 12.4: a failed background save is noticed at the next step (not the next save)
+  and retried once; a second failure stops with one message naming the step."""
+  said = []
+  mgr = _FailingManager()
+  saver = checkpointing.Saver(mgr, said.append)
+  saver.save(5, {"step": np.int32(5)}, {"step": 5}, {})
+  saver.poll(6)
+  assert mgr.saves == [5, 5] and "checkpoint 5 failed to save" in said[0]
+  assert "noticed at step 6" in said[0] and said[1] == "checkpoint 5 saved on retry"
+  saver.poll(7)
+  assert mgr.saves == [5, 5]
+  bad = checkpointing.Saver(_FailingManager(fail_retry=True), said.append)
+  bad.save(5, {"step": np.int32(5)}, {"step": 5}, {})
+  with pytest.raises(checkpointing.CheckpointSaveError, match=r"checkpoint 5 .*retry at step 6"):
+    bad.poll(6)

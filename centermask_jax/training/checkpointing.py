@@ -54,3 +54,52 @@ def restore_latest(manager: ocp.CheckpointManager, template) -> Optional[Tuple[i
   state = jax.tree_util.tree_map(np.asarray, out["state"])
   return step, state, dict(out["data"] or {})
 
+
+
+class CheckpointSaveError(RuntimeError):
+  """An asynchronous checkpoint save failed and its retry failed too."""
+
+
+class Saver:
+  """`save` through an orbax manager; `poll(step)` after every train step notices a failed
+  asynchronous save at once (not at the next save, up to checkpoint_every steps later),
+  retries it once synchronously from the kept host copy, and raises CheckpointSaveError
+  naming the step if the retry fails too."""
+
+  def __init__(self, manager, say=print):
+    self.mgr, self.say = manager, say
+    self._pending = None  # (step, args) of the save in flight
+
+  def save(self, step: int, state, data_state: dict, config, meta: Optional[dict] = None):
+    self.poll(step)
+    cfg = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") \
+        else dict(config or {})
+    args = ocp.args.Composite(
+        state=ocp.args.StandardSave(_host(state)), data=ocp.args.JsonSave(dict(data_state)),
+        config=ocp.args.JsonSave(cfg), meta=ocp.args.JsonSave(dict(meta or {})))
+    self._pending = (int(step), args)
+    self.mgr.save(int(step), args=args, force=True)
+
+  def poll(self, now: int):
+    if self._pending is None:
+      return
+    try:
+      self.mgr.check_for_errors()
+    except Exception as e:  # noqa: BLE001 - any failure of the background save
+      saved, args = self._pending
+      self._pending = None
+      self.say(f"checkpoint {saved} failed to save ({type(e).__name__}: {e}); noticed at "
+               f"step {now}, retrying once")
+      try:
+        self.mgr.save(saved, args=args, force=True)
+        self.mgr.wait_until_finished()
+        self.mgr.check_for_errors()
+      except Exception as e2:  # noqa: BLE001
+        raise CheckpointSaveError(
+            f"checkpoint {saved} could not be saved ({type(e).__name__}: {e}); the retry at "
+            f"step {now} failed too ({type(e2).__name__}: {e2}). Check the disk of the "
+            "workdir; the previous checkpoint is kept") from None
+      self.say(f"checkpoint {saved} saved on retry")
+      return
+    if not self.mgr.is_saving_in_progress():
+      self._pending = None

@@ -317,6 +317,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
   evaluation = _EvalHook(config, workdir, devices, writer, rl)
   step = saved = start
   stop = _StopOnSigint()
+  saver = checkpointing.Saver(mgr, _say)
   guard = Guard(bool(t.get("skip_nonfinite_steps", False)),
                 lambda: (mgr.wait_until_finished(), mgr.all_steps())[1],
                 ckpt_workdir.checkpoint_dir(workdir))
@@ -341,6 +342,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
       else:
         speed.add(dt)
       guard.check(step, metrics)  # non-finite: raises, or (skip mode) counts the skip
+      saver.poll(step)  # a failed async save is reported (and retried once) now
       metrics["skipped_total"] = float(guard.skipped)
       last = metrics
       history.append(metrics["total_loss"])
@@ -370,8 +372,8 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
             writer.add_scalar("train/images_per_s", ips, step)
           writer.flush()
       if (every and step % every == 0) or step == end:
-        checkpointing.save(mgr, step, parallel.unreplicate(rstate), train_iter.get_state(),
-                           config, meta=meta)
+        saver.save(step, parallel.unreplicate(rstate), train_iter.get_state(), config,
+                   meta=meta)
         saved = step
       if eval_every >= 0 and ((eval_every and step % eval_every == 0) or step == max_iter):
         if bar is not None:
@@ -379,9 +381,11 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
         evaluation.run(step, rstate)
     interrupted = stop.requested and step < end
     if interrupted and step > saved and t.get("checkpoint_on_interrupt", True):
-      checkpointing.save(mgr, step, parallel.unreplicate(rstate), train_iter.get_state(),
-                         config, meta=meta)
+      saver.save(step, parallel.unreplicate(rstate), train_iter.get_state(), config,
+                 meta=meta)
       saved = step
+    mgr.wait_until_finished()
+    saver.poll(step)  # the last save too
   finally:
     stop.__exit__()
     mgr.wait_until_finished()
