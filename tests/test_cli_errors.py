@@ -50,3 +50,15 @@ def test_demo_refuses_malicious_pickles_in_one_line(tmp_path, capsys):
                              str(img), "--output", str(tmp_path / "out")])
     _one_line(capsys, rc, name)
     assert not marker.exists()
+
+
+def test_import_weights_refuses_a_malicious_plain_pickle_in_one_line(tmp_path, capsys):
+  """A code-running plain pickle not named .pkl (it gave 'Unsupported operand 149')."""
+  from centermask_jax.tools import import_weights
+  marker = tmp_path / "pwned"
+  path = tmp_path / "weights.dat"
+  path.write_bytes(pickle.dumps({"model": _Evil(str(marker))}, protocol=2))
+  rc = cli.run(import_weights.main, ["--config", CONFIG, "--weights", str(path), "--out",
+                                     str(tmp_path / "out")])
+  _one_line(capsys, rc, "weights.dat")
+  assert not marker.exists() and not (tmp_path / "out").exists()

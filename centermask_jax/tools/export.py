@@ -197,4 +197,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from centermask_jax import cli
+  sys.exit(cli.run(main))

@@ -41,4 +41,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from centermask_jax import cli
+  sys.exit(cli.run(main))
