@@ -19,15 +19,24 @@ from centermask_jax.config import add_config_argument, parse_command_line
 
 
 def writable_dir_problem(path: str):
-  """None if `path` is (or can be created as) a writable directory, else why not."""
+  """None if `path` is a writable directory or can be created as one, else why not.
+  Creates nothing: a refused run leaves no output directory behind."""
   import tempfile
   path = os.path.abspath(os.path.expanduser(path))
-  try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
-      pass
-  except OSError as e:
-    return f"not a writable directory ({e.strerror or e})"
+  if os.path.isdir(path):
+    try:
+      with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
+        pass
+    except OSError as e:
+      return f"not a writable directory ({e.strerror or e})"
+    return None
+  parent = path
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    return f"not a writable directory ({parent} is not a directory)"
+  if not os.access(parent, os.W_OK | os.X_OK):
+    return f"not a writable directory ({parent} is not writable)"
   return None
 
 

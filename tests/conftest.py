@@ -6,10 +6,11 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Persistent compilation cache (CI reruns skip most compiles; a cold cache only compiles):
-# CENTERMASK_JAX_CACHE_DIR or ~/.cache/centermask_jax/xla_tests, "none" turns it off.
-_CACHE = os.environ.get("CENTERMASK_JAX_CACHE_DIR") or os.path.expanduser(
-    os.path.join("~", ".cache", "centermask_jax", "xla_tests"))
+# Persistent compilation cache: off unless CENTERMASK_JAX_CACHE_DIR names a directory. A
+# full-suite run with it on aborted (SIGABRT) reading back an executable in
+# test_shard_map_step_equals_pmap_step (jax 0.10.2, XLA:CPU, 4 host devices), and CI
+# starts from an empty cache anyway; tests that check the cache set it up themselves.
+_CACHE = os.environ.setdefault("CENTERMASK_JAX_CACHE_DIR", "none")  # subprocesses too
 if _CACHE.lower() not in ("none", "off"):
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
 

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from centermask_jax.tools import parity
+from centermask_jax.tools import parity, parity_report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"

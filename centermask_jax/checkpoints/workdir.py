@@ -46,20 +46,25 @@ def load_latest_variables(workdir: str, template):
       variables, source=f"{directory}/{step}")
 
 
-def read_latest_meta(workdir: str) -> Optional[dict]:
-  """The `meta` item of the latest checkpoint of a train.py workdir (None if absent)."""
+def _read_latest_json_item(workdir: str, item: str) -> Optional[dict]:
+  """JSON item `item` of the latest checkpoint of a train.py workdir (None if absent)."""
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return None
   mgr = ocp.CheckpointManager(directory, item_names=ITEMS)
   try:
     step = mgr.latest_step()
-    if step is None or not os.path.isdir(os.path.join(directory, str(step), "meta")):
+    if step is None or not os.path.isdir(os.path.join(directory, str(step), item)):
       return None
-    return dict(mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                or {})
+    restored = mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))
+    return dict(restored[item] or {})
   finally:
     mgr.close()
+
+
+def read_latest_meta(workdir: str) -> Optional[dict]:
+  """The `meta` item of the latest checkpoint of a train.py workdir (None if absent)."""
+  return _read_latest_json_item(workdir, "meta")
 
 
 def latest_step(workdir: str) -> Optional[int]:
@@ -78,15 +83,4 @@ def latest_step(workdir: str) -> Optional[int]:
 def read_latest_config(workdir: str) -> Optional[dict]:
   """The `config` item (the run's config as JSON) of the latest checkpoint of a train.py
   workdir (None: no checkpoint or no config item)."""
-  directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    return None
-  mgr = ocp.CheckpointManager(directory, item_names=ITEMS)
-  try:
-    step = mgr.latest_step()
-    if step is None or not os.path.isdir(os.path.join(directory, str(step), "config")):
-      return None
-    return dict(mgr.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"] or {})
-  finally:
-    mgr.close()
+  return _read_latest_json_item(workdir, "config")
