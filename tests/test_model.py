@@ -53,8 +53,19 @@ def test_value_count_and_keys_match_listing(path):
     assert int(np.prod(ours[key])) == int(np.prod(shape)), key
 
 
+# Deeper twins of a config whose forward runs here (same modules, more blocks): their
+# keys and counts are checked above on every run; their forward (a full compile each) only
+# with CENTERMASK_JAX_SLOW_TESTS=1, to keep CI within its budget.
+DEEPER_TWINS = {"centermask_V_57_eSE_FPN_ms_3x", "centermask_V_99_eSE_FPN_ms_3x",
+                "centermask_V_57_eSE_dcn_FPN_ms_3x", "centermask_V_99_eSE_dcn_FPN_ms_3x",
+                "centermask_R_101_FPN_ms_3x"}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])
 def test_forward_small_image(path):
+  if (os.path.basename(path)[:-3] in DEEPER_TWINS
+      and os.environ.get("CENTERMASK_JAX_SLOW_TESTS") != "1"):
+    pytest.skip("deeper twin of a tested config; CENTERMASK_JAX_SLOW_TESTS=1 runs it")
   cfg = load_config(path)
   model = CenterMask(cfg)
   variables = model.init(jax.random.PRNGKey(0), (128, 128))
