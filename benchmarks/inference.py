@@ -104,14 +104,22 @@ def main(argv=None):
         cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--config", config,
                "--size", size, "--batch", str(batch), "--iters", str(args.iters),
                *args.config_argv]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode:
-          print(f"{config} {size} batch {batch}: FAILED\n{out.stderr[-2000:]}")
+        r = _child_result(cmd, f"{config} {size} batch {batch}")
+        if r is None:
           continue
-        r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{r['config']:45s} {r['size']:>9s} {r['batch']:5d} {r['compile_s']:9.2f} "
               f"{r['median_latency_s']:9.3f} {r['images_per_s']:7.2f} {r['peak_rss_mib']:12.1f} "
               f"{r['backend']} ({r['device']})", flush=True)
+
+
+def _child_result(cmd, label):
+  """Runs one measuring child process; its last stdout line (JSON) as a dict, or None
+  after printing `label: FAILED` and the end of its stderr."""
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode:
+    print(f"{label}: FAILED\n{out.stderr[-2000:]}")
+    return None
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def predictor_main(args, cfgs):
@@ -126,11 +134,9 @@ def predictor_main(args, cfgs):
       cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--predictor", "--config",
              config, "--batch", str(batch), "--images", str(args.images), "--image-size",
              args.image_size, *args.config_argv]
-      out = subprocess.run(cmd, capture_output=True, text=True)
-      if out.returncode:
-        print(f"{config} batch {batch}: FAILED\n{out.stderr[-2000:]}")
+      r = _child_result(cmd, f"{config} batch {batch}")
+      if r is None:
         continue
-      r = json.loads(out.stdout.strip().splitlines()[-1])
       print(f"{r['config']:45s} {r['size']:>9s} {r['batch']:5d} {r['first_pass_s']:12.2f} "
             f"{r['images_per_s']:7.2f} {r['peak_rss_mib']:12.1f} {r['backend']}", flush=True)
 
