@@ -11,7 +11,9 @@ a few pixels. Runs on whatever JAX backend is present.
 """
 import argparse
 import functools
+import os
 import statistics
+import sys
 import time
 
 import jax
@@ -78,4 +80,7 @@ def main():
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from centermask_jax import runlog
+  runlog.quiet_startup()  # before TensorFlow is imported
   main()

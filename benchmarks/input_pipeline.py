@@ -13,16 +13,14 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from centermask_jax import config as cfg_lib  # noqa: E402
-from centermask_jax.data import pipeline, prepare  # noqa: E402
 
 TINY = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_coco"
 
 
 def main():
+  from centermask_jax import config as cfg_lib
+  from centermask_jax.data import pipeline, prepare
   p = argparse.ArgumentParser()
   p.add_argument("--data-dir")
   p.add_argument("--name", default="tiny")
@@ -57,4 +55,7 @@ def main():
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from centermask_jax import runlog
+  runlog.quiet_startup()  # before TensorFlow is imported
   main()

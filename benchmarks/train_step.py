@@ -139,4 +139,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from centermask_jax import runlog
+  runlog.quiet_startup()  # before TensorFlow is imported
   main()

@@ -1,27 +1,23 @@
 """One error style for the command lines (train.py, eval.py, demo.py, prepare, tools).
 
-`run(main, argv)` calls `main(argv)`; an error that is the user's input (a missing file or
-dataset, a refused or unreadable checkpoint / pickle, a checkpoint that does not fit the
-model, a changed config on resume, a class mismatch) becomes one `error: ...` line on
-stderr and exit status 2; a diverged run (non-finite step) or a checkpoint that could not be saved one line,
-status 1.
+`run(main, argv)` calls `main(argv)`; an error that is the user's input
+(`errors.UserError`: a bad config, a checkpoint that does not fit the model, a changed
+config on resume, a class mismatch, a malformed annotation file; and a missing file,
+directory or permission, or an unreadable pickle) becomes one `error: ...` line on stderr
+and exit status 2; a run that had to stop (`errors.RunError`: a non-finite step, a
+checkpoint that could not be saved) one line, status 1.
 CENTERMASK_JAX_TRACEBACK=1 re-raises instead (full traceback).
+Imports only `centermask_jax.errors`, so any entry point (prepare included) may use it.
 """
 import os
 import pickle
 import sys
 
+from centermask_jax import errors
+
 USER_ERROR, RUN_ERROR = 2, 1
-
-
-def _user_error_types():
-  from centermask_jax.checkpoints import classes, official
-  from centermask_jax.config import ConfigError
-  from centermask_jax.training.config_change import ConfigChangeError
-  return (ConfigError, ConfigChangeError, classes.ClassMismatchError,
-          official.CheckpointMismatchError, official.CheckpointFormatError,
-          pickle.UnpicklingError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-          PermissionError, FileExistsError)
+_USER_ERROR_TYPES = (errors.UserError, pickle.UnpicklingError, FileNotFoundError,
+                     NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError)
 
 
 def error_line(e: BaseException, limit: int = 600) -> str:
@@ -38,13 +34,9 @@ def run(main, argv=None) -> int:
     return main(argv)
   try:
     return main(argv)
-  except Exception as e:  # noqa: BLE001 - classified below, re-raised if not ours
-    from centermask_jax.training.checkpointing import CheckpointSaveError
-    from centermask_jax.training.guard import NonFiniteLossError
-    if isinstance(e, (NonFiniteLossError, CheckpointSaveError)):
-      print(error_line(e, limit=2000), file=sys.stderr)
-      return RUN_ERROR
-    if isinstance(e, _user_error_types()):
-      print(error_line(e), file=sys.stderr)
-      return USER_ERROR
-    raise
+  except errors.RunError as e:
+    print(error_line(e, limit=2000), file=sys.stderr)
+    return RUN_ERROR
+  except _USER_ERROR_TYPES as e:
+    print(error_line(e), file=sys.stderr)
+    return USER_ERROR

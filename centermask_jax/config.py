@@ -6,6 +6,8 @@ ConfigDicts are locked after construction.
 """
 import ml_collections
 
+from centermask_jax import errors
+
 PIXEL_MEAN_BGR = (103.530, 116.280, 123.675)
 FULL_TRAIN_SIZES = (640, 672, 704, 736, 768, 800)
 LITE_TRAIN_SIZES = (580, 600)
@@ -211,7 +213,7 @@ def load_config(path: str, overrides=None) -> ml_collections.ConfigDict:
 
 # --- command line: the one implementation of `--config PATH` and `--config.KEY=VALUE` ---
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, errors.UserError):
   """A bad --config file or --config.KEY=VALUE (one-line message)."""
 
 

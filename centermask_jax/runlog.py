@@ -3,8 +3,8 @@
 `RunLog(workdir)` sends every banner / message line to stdout (process 0) and appends it to
 `log.txt`; `metrics(record)` appends one JSON object per line to `metrics.jsonl`;
 `tee_stdout()` copies everything printed meanwhile (e.g. COCO tables) into `log.txt`.
-`quiet_startup()` (called by the entry points before TensorFlow / JAX are imported) filters
-TensorFlow's C++ and absl INFO lines.
+`quiet_startup()` (called by every entry point before TensorFlow / JAX are imported)
+filters TensorFlow's C++ and absl INFO lines.
 """
 import contextlib
 import datetime
@@ -19,9 +19,17 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def quiet_startup():
-  """TensorFlow C++ INFO lines off (oneDNN notice, cpu features), absl / TF / tfds Python
-  loggers at WARNING. Explicit environment settings win."""
+  """Call before TensorFlow is imported: TensorFlow's C++ INFO lines off, absl / TF / tfds
+  Python loggers at WARNING (their warnings and ours still show). Explicit environment
+  settings win.
+
+  TF 2.21 logs its oneDNN notice ('oneDNN custom operations are on ...', preceded by
+  'WARNING: All log messages before absl::InitializeLog() ...') through absl, which
+  ignores TF_CPP_MIN_LOG_LEVEL; TF_ENABLE_ONEDNN_OPTS=0 removes it. TensorFlow only runs
+  the tf.data input pipeline here (parsing, no TF math), so its numbers do not change.
+  """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   for name in ("absl", "tensorflow", "tensorflow_datasets", "jax._src.xla_bridge", "orbax"):
     logging.getLogger(name).setLevel(logging.WARNING)
   absl_logger = logging.getLogger("absl")

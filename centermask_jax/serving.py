@@ -157,4 +157,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from centermask_jax import runlog
+  runlog.quiet_startup()
   sys.exit(main())

@@ -13,6 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools import mask as mask_util
 
+from centermask_jax import cli
 from centermask_jax import config as cfg_lib
 from centermask_jax.data import coco_builder, pipeline, prepare, transforms
 
@@ -27,7 +28,7 @@ def _json(tiny, split):
 def _run_cli(argv):
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    rc = prepare.main(argv)
+    rc = cli.run(prepare.main, argv)
   return rc, out.getvalue()
 
 
@@ -360,8 +361,8 @@ def test_non_coco_json_gives_one_clear_error(tmp_path, capsys, content, needle):
   js.write_text(content)
   with pytest.raises(coco_builder.CocoFormatError, match=re.escape(needle)):
     coco_builder.load_coco_json(str(js))
-  rc = prepare.main(["--name", "x", "--val-json", str(js), "--val-images", str(tmp_path),
-                     "--data-dir", str(tmp_path / "out")])
+  rc = cli.run(prepare.main, ["--name", "x", "--val-json", str(js), "--val-images",
+                              str(tmp_path), "--data-dir", str(tmp_path / "out")])
   err = capsys.readouterr().err
   assert rc == 2 and err.count("error:") == 1 and needle in err
   assert not (tmp_path / "out").exists()

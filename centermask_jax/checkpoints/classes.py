@@ -13,11 +13,12 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from centermask_jax import errors
 from centermask_jax.data.categories import COCO_CATEGORIES
 
 CLASSES_FILE = "classes.json"
 
-class ClassMismatchError(ValueError):
+class ClassMismatchError(ValueError, errors.UserError):
   """Model and dataset classes differ; the message is one line saying how."""
 
 

@@ -21,17 +21,19 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 import jax
 import numpy as np
 
+from centermask_jax import errors
+
 LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "scalar": "scale"}
 DECONV_KEY = "roi_heads.mask_head.deconv.weight"
 MASKIOU_FC1_KEY = "roi_heads.maskiou_head.maskiou_fc1.weight"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(ValueError, errors.UserError):
   """Raised when a checkpoint does not fit the model; the message names every key."""
 
 
 # ------------------------------------------------------------------------ reading
-class CheckpointFormatError(ValueError):
+class CheckpointFormatError(ValueError, errors.UserError):
   """The file is not a checkpoint format we read; the message names what it is."""
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from centermask_jax import errors
 from centermask_jax.data import transforms
 
 BUILDER_NAME = "coco_instances"
@@ -54,7 +55,7 @@ COCO2017_SPLITS = (
 )
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(ValueError, errors.UserError):
   """The annotation file is not a COCO instances JSON."""
 
 
@@ -382,6 +383,15 @@ class CocoInstances(tfds.core.GeneratorBasedBuilder):
     cat_to_label = {cid: i for i, (cid, _) in enumerate(self.categories())}
     return {split: self._generate_examples(split, js, imgs, cat_to_label)
             for split, js, imgs in self._split_paths(md)}
+
+  # tfds prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and
+  # prepared to ..." for every build; nothing is downloaded here and `prepare` prints its own
+  # start line, per-split counts and report path.
+  def _log_download_bytes(self):
+    pass
+
+  def _log_download_done(self):
+    pass
 
   def _generate_examples(self, split, json_path, image_dir, cat_to_label):
     stats = self.build_stats[split] = BuildStats()

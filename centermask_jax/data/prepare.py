@@ -24,6 +24,7 @@ import sys
 import tempfile
 from typing import Dict, Optional, Sequence, Tuple
 
+from centermask_jax import errors
 
 
 class _LazyModule:
@@ -45,6 +46,11 @@ META_FILE = "centermask_meta.json"
 SYNTHETIC_NAME = "synthetic"
 
 
+class PrepareError(ValueError, errors.UserError):
+  """A bad dataset name, or a build that produced no dataset (e.g. no image readable; the
+  per-reason counts are printed before it)."""
+
+
 def dataset_dir(data_dir: str, name: str) -> str:
   """Directory of the prepared dataset NAME (tfds layout)."""
   return os.path.join(os.path.expanduser(data_dir), coco_builder.BUILDER_NAME, name,
@@ -59,7 +65,7 @@ def build_dataset(name: str, splits: Sequence[Tuple[str, str, str]], data_dir: s
   Raises coco_builder.CocoFormatError for a non-COCO annotation file.
   """
   if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", name):
-    raise ValueError(f"dataset name {name!r}: use letters, digits, '_', '-', '.'")
+    raise PrepareError(f"dataset name {name!r}: use letters, digits, '_', '-', '.'")
   data_dir = os.path.abspath(os.path.expanduser(data_dir))
   out_dir = dataset_dir(data_dir, name)
   if coco_dir is not None and name == coco_builder.BUILDER_CONFIGS_COCO:
@@ -82,8 +88,9 @@ def build_dataset(name: str, splits: Sequence[Tuple[str, str, str]], data_dir: s
   if os.path.exists(out_dir) and not overwrite:
     raise FileExistsError(out_dir)
   import tensorflow_datasets as tfds
-  if quiet:
-    tfds.disable_progress_bar()
+  tfds.disable_progress_bar()  # its updates would fill a redirected log; counts follow
+  if not quiet:
+    print(f"building dataset {name!r} ({', '.join(s for s, _, _ in splits)}) into {out_dir}")
   # Built into a temporary directory beside the dataset and swapped in only on success: a
   # failed or interrupted rebuild leaves the existing dataset as it was.
   os.makedirs(data_dir, exist_ok=True)
@@ -113,6 +120,12 @@ def build_dataset(name: str, splits: Sequence[Tuple[str, str, str]], data_dir: s
   except BaseException as e:
     stats = dict(getattr(builder, "build_stats", None) or {})
     _report(stats, splits, report_path, quiet, failed=f"{type(e).__name__}: {e}")
+    if isinstance(e, (OSError, ValueError, AssertionError)) and not isinstance(
+        e, (errors.UserError, FileNotFoundError, NotADirectoryError, PermissionError)):
+      # e.g. tfds' "No examples were yielded" when no image was readable, a full disk
+      first = (f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.strerror
+               else (str(e).splitlines() or [type(e).__name__])[0])
+      raise PrepareError(f"building dataset {name!r} failed: {first}") from e
     raise
   finally:
     shutil.rmtree(tmp_root, ignore_errors=True)
@@ -195,6 +208,7 @@ def write_gt_subset(src_json: str, image_ids, dst: str, stats=None):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The command line; user errors raise (`cli.run` prints them as one line, exit 2)."""
   p = argparse.ArgumentParser(prog="python -m centermask_jax.data.prepare",
                               description=__doc__.split("\n\n")[0])
   p.add_argument("--name", default=None, help="dataset name (config.data.name)")
@@ -209,44 +223,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--num-train", type=int, default=None, help="synthetic train images")
   p.add_argument("--num-val", type=int, default=None, help="synthetic val images")
   a = p.parse_args(argv)
-  try:  # quiet TensorFlow start-up (centermask_jax.runlog, when present)
-    from centermask_jax import runlog
-    runlog.quiet_startup()
-  except ImportError:
-    pass
-  import tensorflow_datasets as tfds
-  tfds.disable_progress_bar()
-  try:
-    if a.synthetic or a.name == SYNTHETIC_NAME and not (a.train_json or a.coco_dir):
-      kw = {k: v for k, v in (("num_train", a.num_train), ("num_val", a.num_val)) if v}
-      prepare_synthetic(a.data_dir, name=a.name or SYNTHETIC_NAME, seed=a.seed, **kw)
-      return 0
-    if not a.name:
-      p.error("--name is required")
-    if a.coco_dir:
-      build_dataset(a.name, (), a.data_dir, coco_dir=a.coco_dir)
-      return 0
-    splits = []
-    if a.train_json or a.train_images:
-      if not (a.train_json and a.train_images):
-        p.error("--train-json and --train-images go together")
-      splits.append(("train", a.train_json, a.train_images))
-    if a.val_json or a.val_images:
-      if not (a.val_json and a.val_images):
-        p.error("--val-json and --val-images go together")
-      splits.append(("val", a.val_json, a.val_images))
-    if not splits:
-      p.error("give --train-json/--train-images and/or --val-json/--val-images, or --coco-dir")
-    build_dataset(a.name, splits, a.data_dir)
-  except coco_builder.CocoFormatError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except (OSError, ValueError, AssertionError) as e:  # e.g. no image readable: counts above
-    print(f"error: building dataset {a.name!r} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-          file=sys.stderr)
-    return 2
+  from centermask_jax import runlog
+  runlog.quiet_startup()  # before TensorFlow is imported
+  if a.synthetic or a.name == SYNTHETIC_NAME and not (a.train_json or a.coco_dir):
+    kw = {k: v for k, v in (("num_train", a.num_train), ("num_val", a.num_val)) if v}
+    prepare_synthetic(a.data_dir, name=a.name or SYNTHETIC_NAME, seed=a.seed, **kw)
+    return 0
+  if not a.name:
+    p.error("--name is required")
+  if a.coco_dir:
+    build_dataset(a.name, (), a.data_dir, coco_dir=a.coco_dir)
+    return 0
+  splits = []
+  if a.train_json or a.train_images:
+    if not (a.train_json and a.train_images):
+      p.error("--train-json and --train-images go together")
+    splits.append(("train", a.train_json, a.train_images))
+  if a.val_json or a.val_images:
+    if not (a.val_json and a.val_images):
+      p.error("--val-json and --val-images go together")
+    splits.append(("val", a.val_json, a.val_images))
+  if not splits:
+    p.error("give --train-json/--train-images and/or --val-json/--val-images, or --coco-dir")
+  build_dataset(a.name, splits, a.data_dir)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from centermask_jax import cli
+  sys.exit(cli.run(main))

@@ -41,5 +41,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from centermask_jax import cli
+  from centermask_jax import cli, runlog
+  runlog.quiet_startup()
   sys.exit(cli.run(main))

@@ -387,4 +387,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  from centermask_jax import runlog
+  runlog.quiet_startup()
   sys.exit(main())

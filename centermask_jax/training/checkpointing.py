@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from centermask_jax import errors
 from centermask_jax.checkpoints.workdir import ITEMS, checkpoint_dir
 
 
@@ -56,7 +57,7 @@ def restore_latest(manager: ocp.CheckpointManager, template) -> Optional[Tuple[i
 
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(RuntimeError, errors.RunError):
   """An asynchronous checkpoint save failed and its retry failed too."""
 
 

@@ -8,6 +8,8 @@ side only (added or removed by a code update) are not compared.
 import json
 from typing import Any, Dict, List, Tuple
 
+from centermask_jax import errors
+
 FREE = ("name", "weights", "compilation_cache_dir", "data.data_dir", "optim.max_iter",
         "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
         "train.eval_every", "train.allow_config_change", "train.checkpoint_on_interrupt",
@@ -17,7 +19,7 @@ GROUPS = (("model.", "model"), ("optim.steps", "schedule"), ("optim.warmup", "sc
           ("input.", "input"), ("data.", "data"), ("train.", "train"))
 
 
-class ConfigChangeError(ValueError):
+class ConfigChangeError(ValueError, errors.UserError):
   """Resuming a workdir with a config that differs from the saved one."""
 
 

@@ -10,10 +10,11 @@ whose state is finite and whose next step was finite.
 import math
 from typing import Callable, Dict, List, Optional
 
+from centermask_jax import errors
 from centermask_jax.training import step as step_lib
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(FloatingPointError, errors.RunError):
   """A step's loss, gradient norm or updated state became NaN/inf; the message names the
   step, the first non-finite quantity and the checkpoint to resume from."""
 
