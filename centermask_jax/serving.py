@@ -3,9 +3,10 @@
   python -m centermask_jax.serving ARTEFACT.stablehlo [ARTEFACT2 ...] --input IMG [IMG ...] \
       [--output preds.json] [--score-thresh 0.0]
 
-Needs jax, numpy and Pillow only: the artefact (`jax.export` serialisation, weights baked
-in) and its JSON (signature, class names, preprocessing constants) hold everything. Images
-are preprocessed exactly like `Predictor` (official resize, normalisation, zero padding on
+Needs jax, jaxlib, numpy, Pillow and flatbuffers (jax.export's deserialiser) only, no model
+code (benchmarks/runtime_venv.sh checks it in a fresh venv): the artefact (`jax.export`
+serialisation, weights baked in) and its JSON (signature, class names, preprocessing
+constants) hold everything. Images are preprocessed exactly like `Predictor` (official resize, normalisation, zero padding on
 the artefact's canvas); detections are scaled to original pixels and masks pasted there
 (detectron2's detector_postprocess + aligned paste). With several artefacts (e.g. the
 landscape and portrait canvases), each image runs on the smallest canvas that holds it.
@@ -132,7 +133,7 @@ def main(argv=None):
   try:
     runner = Runner(args.artefacts)
     images = [(f, load_rgb(f)) for f in args.input]
-  except (FileNotFoundError, ValueError, OSError) as e:
+  except (FileNotFoundError, ValueError, OSError, ImportError) as e:  # ImportError: no flatbuffers
     print(f"error: {e}", file=sys.stderr)
     return 2
   names = runner.meta["class_names"]
