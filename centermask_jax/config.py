@@ -85,7 +85,6 @@ def base_config() -> ml_collections.ConfigDict:
   d.max_polygon_parts = 16
   d.max_polygon_vertices = 256
   d.max_instance_vertices = 512  # packed exact polygons per instance (all parts)
-  d.shuffle_buffer = 1000
 
   o = c.optim = ml_collections.ConfigDict()
   o.optimizer = "sgd"          # sgd (official: momentum, coupled L2) | adamw (decoupled decay)

@@ -37,7 +37,6 @@ def get_config():
   c.data.max_instances = 16
   c.data.max_polygon_parts = 8
   c.data.max_polygon_vertices = 64
-  c.data.shuffle_buffer = 400
   c.optim.optimizer = "adamw"
   c.optim.base_lr = 0.008      # at ims_per_batch=16 -> 2e-3 at global batch 4
   c.optim.warmup_iters = 100

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import time
 
 import ml_collections
 import numpy as np
@@ -15,7 +16,7 @@ from pycocotools import mask as mask_util
 
 from centermask_jax import cli
 from centermask_jax import config as cfg_lib
-from centermask_jax.data import coco_builder, pipeline, prepare, transforms
+from centermask_jax.data import coco_builder, pipeline, prepare, train_order, transforms
 
 LINE = re.compile(r"split=(\w+) images=(\d+) instances=(\d+) crowd=(\d+) "
                   r"skipped_images=(\d+) dropped_instances=(\d+)")
@@ -48,7 +49,6 @@ def _config(sizes=(600,), max_size=1000, flip=False):
   c.input.min_size_train = sizes
   c.input.max_size_train = max_size
   c.input.random_flip = flip
-  c.data.shuffle_buffer = 64
   return c
 
 
@@ -241,6 +241,48 @@ def test_train_static_shapes_flip_and_determinism(built):
   it3 = pipeline.make_train_iterator(c, data_dir, "tiny", seed=4, num_local_devices=2,
                                      per_device_batch=2, process_index=0, process_count=1)
   assert any((next(it3)["image_id"] != b["image_id"]).any() for b in batches[:2])
+
+
+def test_resume_across_an_epoch_and_at_step_1e6(built):
+  """Issue 12.4: resuming at step k gives the batches of an uninterrupted run, also for
+  batches formed across the end of epoch 0; resuming at step 10^6 reads only that
+  batch's records (no skip over the 10^6 before it) and takes well under 10 s."""
+  data_dir, _ = built
+  c = _config(sizes=(580, 600), flip=True)
+  mk = lambda: pipeline.make_train_iterator(c, data_dir, "tiny", seed=3, num_local_devices=2,
+                                            per_device_batch=1, process_index=0,
+                                            process_count=1)
+  info = pipeline.dataset_info(data_dir, "tiny")
+  index = train_order.load_index(info.path, train_order.record_files(info.path, "train"))
+  assert index is not None and int(index.usable.sum()) == info.num_train_images  # by prepare
+  usable = np.nonzero(index.usable)[0]
+  order = train_order.TrainOrder(index.group[usable], 3, 2)
+  first_of_epoch1 = order.batches_before_epoch(1)
+  it = mk()
+  run = [next(it) for _ in range(first_of_epoch1 + 3)]
+  # a group with an odd count per epoch carries a record of epoch 0 into epoch 1's batch
+  assert any((order.n_group % 2) == 1)
+  for k in (first_of_epoch1 - 1, first_of_epoch1, first_of_epoch1 + 1):
+    it2 = mk()
+    it2.set_state({"step": k})
+    for j in range(k, len(run)):
+      b = next(it2)
+      for key in b:
+        np.testing.assert_array_equal(b[key], run[j][key], err_msg=f"step {j} {key}")
+  # epoch 0 holds every usable image once before any repeats
+  seen = [i for b in run[:first_of_epoch1] for i in b["image_id"].ravel().tolist()]
+  assert len(seen) == len(set(seen)) >= info.num_train_images - 2
+  t = time.perf_counter()
+  it.set_state({"step": 10 ** 6})
+  b = next(it)
+  dt = time.perf_counter() - t
+  assert dt < 10, dt
+  import tensorflow_datasets as tfds
+  feats = tfds.builder_from_directory(info.path).info.features
+  want = [int(feats.deserialize_example(index.read(int(usable[r])))["image_id"])
+          for r in order.batch_records(10 ** 6)[0]]
+  assert b["image_id"].ravel().tolist() == want
+  assert it.get_state() == {"step": 10 ** 6 + 1}
 
 
 def test_canvas_buckets_pad_each_batch_like_detectron2(built):

@@ -79,7 +79,6 @@ def overfit_config(data_dir, num_classes):
   c.data.max_instances = 8
   c.data.max_polygon_parts = 4
   c.data.max_polygon_vertices = 64
-  c.data.shuffle_buffer = 4
   c.optim.optimizer = "adamw"
   c.optim.base_lr = 0.008  # x 4/16 -> 2e-3
   c.optim.warmup_iters = 5

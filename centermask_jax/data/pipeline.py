@@ -1,12 +1,13 @@
 """tf.data train / eval pipelines producing the numpy batch contract (see data/README.md).
 
 Global batching (same on every process, so every process has the same canvas at every step):
-  records (seeded file + buffer shuffle, repeated for train)
-  -> (serialized, group) with group 0 = landscape (w > h), 1 = portrait
-  -> group_by_window: global batches of P*D*B records of one group (eval: per group, the
-     last batch is filled with copies marked is_real=False)
-  -> skip(start_step)                                  (train resume; records are not decoded)
-  -> this process's slice [p*D*B, (p+1)*D*B)           (disjoint shards)
+  train: step k -> the P*D*B record numbers of global batch k (`train_order`: a permutation
+     of the usable records per epoch seeded by (seed, epoch), aspect-ratio grouped as
+     detectron2; computed from the record index, so starting at step 10^6 costs what
+     step 0 costs) -> this process's slice [p*D*B, (p+1)*D*B) -> each record read at its
+     byte offset;
+  eval: records in file order -> per group (0 = landscape, w > h; 1 = portrait) batches of
+     P*D*B, the last one filled with copies marked is_real=False -> this process's slice;
   -> decode (PIL), resize (PIL bilinear), flip, GT padding, uint8 pixels on the canvas
      (normalised on the device by the model)
   -> [D, B, ...] numpy batches, prefetched.
@@ -22,8 +23,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from centermask_jax.data import coco_builder
 from centermask_jax.data import prepare
+from centermask_jax.data import train_order
 from centermask_jax.data import transforms
 from centermask_jax.ops import padding
 
@@ -71,10 +72,7 @@ def _features(path):
 
 
 def _record_files(path, split):
-  files = sorted(tf.io.gfile.glob(os.path.join(path, f"{coco_builder.BUILDER_NAME}-{split}.tfrecord-*")))
-  if not files:
-    raise FileNotFoundError(f"no {split} records in {path}")
-  return files
+  return [os.path.join(path, f) for f in train_order.record_files(path, split)]
 
 
 def _get(cfg, key, default):
@@ -215,17 +213,6 @@ def _example_fn(features, prm, train, seed):
   return fn
 
 
-def _group_and_usable(features):
-  """serialized -> (serialized, group id, usable for training, H0, W0)."""
-  def fn(serialized):
-    ex = features.deserialize_example(serialized)
-    group = tf.where(ex["width"] > ex["height"], 0, 1)  # detectron2: w > h -> group 0
-    obj = ex["objects"]
-    usable = tf.reduce_any(tf.logical_and(tf.logical_not(obj["is_crowd"]), obj["num_parts"] > 0))
-    return serialized, tf.cast(group, tf.int64), usable, ex["height"], ex["width"]
-  return fn
-
-
 def _options():
   opt = tf.data.Options()
   opt.deterministic = True
@@ -233,9 +220,10 @@ def _options():
   return opt
 
 
-def _finish(ds, features, prm, train, seed, d, b, process_index, process_count, step0=0):
-  """Global batches of (serialized, is_real, H0, W0 [PDB], group) -> local contract
-  batches."""
+def _finish(ds, features, prm, train, seed, d, b, process_index, process_count, step0=0,
+            read=None):
+  """Global batches of (record, is_real, H0, W0 [PDB], group) -> local contract batches.
+  record: the serialized example, or with `read` (record -> serialized) its number."""
   db = d * b
   ds = ds.enumerate()
 
@@ -248,8 +236,9 @@ def _finish(ds, features, prm, train, seed, d, b, process_index, process_count, 
     idx = first + lo + tf.range(db, dtype=tf.int64)
     return ser[lo:lo + db], real[lo:lo + db], idx, tf.tile(canvas[None], [db, 1])
   ds = ds.map(local).unbatch()
-  ds = ds.map(_example_fn(features, prm, train, seed), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
+  example = _example_fn(features, prm, train, seed)
+  ds = ds.map(lambda rec, *a: example(read(rec) if read else rec, *a),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(db, drop_remainder=True)
   ds = ds.map(lambda x: {k: tf.reshape(t, tf.concat([[d, b], tf.shape(t)[1:]], 0))
                          for k, t in x.items()})
@@ -263,24 +252,33 @@ def build_train_dataset(config, data_dir, name, seed, num_local_devices, per_dev
   features = _features(path)
   prm = _input_params(config, train=True)
   pdb = num_local_devices * per_device_batch * process_count
-  files = _record_files(path, "train")
-  buf = int(_get(config.data, "shuffle_buffer", 1000))
-  ds = tf.data.Dataset.from_tensor_slices(files)
-  ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-  ds = ds.interleave(tf.data.TFRecordDataset, cycle_length=min(len(files), 8), block_length=1)
-  # Shuffle within each epoch, then repeat (detectron2's sampler: a permutation per epoch).
-  ds = ds.shuffle(buf, seed=seed + 1, reshuffle_each_iteration=True).repeat()
-  ds = ds.map(_group_and_usable(features))
-  ds = ds.filter(lambda s, g, u, h, w: u)
-  ds = ds.group_by_window(
-      key_func=lambda s, g, u, h, w: g,
-      reduce_func=lambda k, win: win.batch(pdb, drop_remainder=True),
-      window_size=pdb)
-  ds = ds.map(lambda s, g, u, h, w: (s, tf.ones_like(u), h, w, g[0]))
-  if start_step:
-    ds = ds.skip(start_step)
+  index = train_order.train_index(path, train_order.record_files(path, "train"), features)
+  usable = np.nonzero(index.usable)[0]
+  order = train_order.TrainOrder(index.group[usable], seed, pdb)
+
+  def global_batch(step):
+    recs, group = order.batch_records(int(step))
+    rec = usable[recs]
+    return rec, index.h0[rec], index.w0[rec], np.int64(group)
+
+  def global_batch_tf(step):
+    rec, h0, w0, group = tf.numpy_function(global_batch, [step],
+                                           [tf.int64, tf.int32, tf.int32, tf.int64],
+                                           stateful=False)
+    rec.set_shape([pdb])
+    h0.set_shape([pdb])
+    w0.set_shape([pdb])
+    group.set_shape([])
+    return rec, tf.ones([pdb], tf.bool), h0, w0, group
+
+  def read(rec):
+    s = tf.numpy_function(lambda i: index.read(int(i)), [rec], tf.string, stateful=False)
+    s.set_shape([])
+    return s
+
+  ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).map(global_batch_tf)
   ds = _finish(ds, features, prm, True, seed, num_local_devices, per_device_batch,
-               process_index, process_count, step0=start_step)
+               process_index, process_count, step0=start_step, read=read)
   return ds, start_step
 
 
@@ -294,7 +292,7 @@ def build_eval_dataset(config, data_dir, name, num_local_devices, per_device_bat
   files = _record_files(path, split)
   parts = []
   for group in (0, 1):
-    g = tf.data.TFRecordDataset(files).map(_group_and_usable(features))
+    g = tf.data.TFRecordDataset(files).map(train_order.group_and_usable(features))
     g = g.filter(lambda s, k, u, h, w, group=group: tf.equal(k, group))
     g = g.map(lambda s, k, u, h, w: (s, h, w)).batch(pdb)
 

@@ -10,8 +10,10 @@ followed by the reasons of every skip/drop. Training/eval then use
 `--config.data.name=NAME --config.data.data_dir=DIR`.
 
 Next to the tfds files (`DIR/coco_instances/NAME/1.0.0/`) it writes `centermask_meta.json`
-(categories, build stats, source paths) and `gt_<split>.json` for every split except train:
-the source annotation JSON restricted to the images actually stored (for COCOeval).
+(categories, build stats, source paths), `gt_<split>.json` for every split except train:
+the source annotation JSON restricted to the images actually stored (for COCOeval), and
+`train_index.npz` (each train record's byte offset, aspect group and size: the training
+order and a resume at any step without reading the records before it; `data.train_order`).
 """
 from __future__ import annotations
 
@@ -116,6 +118,10 @@ def build_dataset(name: str, splits: Sequence[Tuple[str, str, str]], data_dir: s
         meta["gt_json"][split] = fname
     with open(os.path.join(tmp_out, META_FILE), "w") as f:
       json.dump(meta, f, indent=1)
+    if "train" in stats:  # byte offsets, groups, sizes: training order and resume at any step
+      from centermask_jax.data import train_order
+      train_order.train_index(tmp_out, train_order.record_files(tmp_out, "train"),
+                              builder.info.features, quiet=True)
     _swap_in(tmp_out, out_dir)
   except BaseException as e:
     stats = dict(getattr(builder, "build_stats", None) or {})
