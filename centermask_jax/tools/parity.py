@@ -13,8 +13,14 @@ Stages `*_refmaps` (FCOS post-processing on the fixture's own dense maps) and
 test those steps free of the float32 noise our dense maps carry.
 `--train` compares the training targets, RoIs and losses with train_outputs.npz instead
 (see `parity_train`).
+`--reference-backbone eval|train` (MobileNetV2 only, official padding, needs torch) replaces
+our bottom-up outputs by the reference's own float32 backbone recomputed with PyTorch from
+the fixture weights (`reference_backbone`; eval / train = detectron2's two FrozenBN forms):
+a diagnostic that tests everything downstream of the backbone free of the backbone's
+amplified float32 rounding (docs/PARITY.md).
 """
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -23,6 +29,7 @@ import subprocess
 import sys
 from typing import Dict, Optional, Tuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,24 +162,62 @@ def fixture_images(inp, canvas: Optional[tuple] = None):
 
 def run(config, fixture: str, canvas: Optional[tuple] = None,
         train: bool = False, weights: Optional[str] = None,
-        mask_targets: Optional[str] = None) -> Report:
+        mask_targets: Optional[str] = None,
+        reference_backbone: Optional[str] = None) -> Report:
   """Inference stages (eval_outputs / given_boxes_outputs) or, with `train`, the
   training stages of train_outputs.npz (`parity_train.run_train`); `mask_targets`
-  ('device' | 'pycocotools') overrides config.model.mask_head.target_impl.
+  ('device' | 'pycocotools') overrides config.model.mask_head.target_impl;
+  `reference_backbone` ('eval' | 'train') substitutes the reference's float32 backbone
+  (see the module docstring).
 
   Parity is a float32 exactness check: matmuls run at full precision on every backend
   (set for this call only)."""
   with jax.default_matmul_precision("highest"):
-    return _run(config, fixture, canvas, train, weights, mask_targets)
+    return _run(config, fixture, canvas, train, weights, mask_targets, reference_backbone)
+
+
+def substitute_bottom_up(features: Dict[str, np.ndarray], image_shape: Tuple[int, ...]):
+  """Context in which the module named 'bottom_up', called on images of `image_shape`
+  [N, H, W, 3], returns `features` (NHWC arrays keyed as its outputs) instead."""
+  def interceptor(next_fun, args, kwargs, ctx):
+    if (ctx.module.name == "bottom_up" and ctx.method_name == "__call__"
+        and tuple(args[0].shape) == tuple(image_shape)):
+      return {k: jnp.asarray(v) for k, v in features.items()}
+    return next_fun(*args, **kwargs)
+  return nn.intercept_methods(interceptor)
+
+
+def _reference_features(cfg, fixture, weights, inp, canvas, form):
+  from centermask_jax.tools import reference_backbone
+  if not reference_backbone.supported(cfg):
+    raise ValueError(f"--reference-backbone: only MobileNetV2 is recomputed "
+                     f"(config backbone {cfg.model.backbone.name!r})")
+  if canvas:
+    raise ValueError("--reference-backbone runs at the official padding (no --canvas)")
+  return reference_backbone.mobilenetv2_features(fixture_weights(fixture, weights),
+                                                 inp["images_tensor"], form)
 
 
 def _run(config, fixture: str, canvas: Optional[tuple], train: bool,
-         weights: Optional[str], mask_targets: Optional[str] = None) -> Report:
+         weights: Optional[str], mask_targets: Optional[str] = None,
+         reference_backbone: Optional[str] = None) -> Report:
   cfg, model, variables = load_model(config, fixture, weights)
   if mask_targets:
     cfg.model.mask_head.target_impl = mask_targets
   inp = np.load(os.path.join(fixture, "inputs.npz"))
   images, image_hw, orig_hw, padded_hw = fixture_images(inp, canvas)
+  substitute = contextlib.nullcontext()
+  if reference_backbone:
+    substitute = substitute_bottom_up(
+        _reference_features(cfg, fixture, weights, inp, canvas, reference_backbone),
+        images.shape)
+  with substitute:
+    return _compare(cfg, model, variables, fixture, images, image_hw, orig_hw, padded_hw,
+                    train)
+
+
+def _compare(cfg, model, variables, fixture, images, image_hw, orig_hw, padded_hw,
+             train: bool) -> Report:
   n, ch, cw, _ = images.shape
   hp, wp = (int(v) for v in padded_hw[0])
   if train:
@@ -375,12 +420,17 @@ def main(argv=None) -> int:
                        f"make_weights.py (default {DEFAULT_CACHE}) when the folder has none")
   ap.add_argument("--train", action="store_true",
                   help="compare the training targets and losses with train_outputs.npz")
+  ap.add_argument("--reference-backbone", choices=("eval", "train"), default=None,
+                  help="diagnostic (MobileNetV2, needs torch): replace our backbone outputs by "
+                       "the reference's float32 backbone recomputed with PyTorch, with "
+                       "detectron2's eval or train FrozenBN arithmetic (docs/PARITY.md)")
   ap.add_argument("--mask-targets", choices=("device", "pycocotools"), default=None,
                   help="--train: mask/MaskIoU target implementation (default: the config's "
                        "model.mask_head.target_impl)")
   args, cfg = parse_command_line(ap, argv)
   rep = run(cfg, args.fixture, parse_hw(args.canvas), train=args.train,
-            weights=args.weights, mask_targets=args.mask_targets)
+            weights=args.weights, mask_targets=args.mask_targets,
+            reference_backbone=args.reference_backbone)
   failed = rep.failed
   print(f"parity stages: {len(rep.lines) - len(failed)} PASS, {len(failed)} FAIL")
   return 1 if failed else 0
