@@ -1,15 +1,17 @@
-"""Runs an exported StableHLO artefact (tools/export) without the model code.
+"""Runs an exported StableHLO or ONNX artefact (tools/export) without the model code.
 
-  python -m centermask_jax.serving ARTEFACT.stablehlo [ARTEFACT2 ...] --input IMG [IMG ...] \
-      [--output preds.json] [--score-thresh 0.0]
+  python -m centermask_jax.serving ARTEFACT.{stablehlo,onnx} [ARTEFACT2 ...] \
+      --input IMG [IMG ...] [--output preds.json] [--score-thresh 0.0]
 
 Needs jax, jaxlib, numpy, Pillow and flatbuffers (jax.export's deserialiser) only, no model
 code (benchmarks/runtime_venv.sh checks it in a fresh venv): the artefact (`jax.export`
 serialisation, weights baked in) and its JSON (signature, class names, preprocessing
-constants) hold everything. Images are preprocessed exactly like `Predictor` (official resize, normalisation, zero padding on
-the artefact's canvas); detections are scaled to original pixels and masks pasted there
-(detectron2's detector_postprocess + aligned paste). With several artefacts (e.g. the
-landscape and portrait canvases), each image runs on the smallest canvas that holds it.
+constants) hold everything. Images are preprocessed exactly like `Predictor` (official
+resize, normalisation, zero padding on the artefact's canvas); detections are scaled to
+original pixels and masks pasted there (detectron2's detector_postprocess + aligned paste).
+With several artefacts (e.g. the landscape and portrait canvases), each image runs on the
+smallest canvas that holds it. An `.onnx` artefact runs through onnxruntime (CPU) instead
+(the `export` extra), with the same pre- and post-processing.
 """
 import argparse
 import json
@@ -24,6 +26,7 @@ import numpy as np
 from centermask_jax.ops.normalize import normalize_images
 from centermask_jax.predictor import image_instances, preprocess
 
+INPUTS = ("images", "image_hw", "padded_hw")
 OUTPUTS = ("boxes", "scores", "classes", "mask_probs", "mask_scores", "valid")
 
 
@@ -37,26 +40,30 @@ def _input_config(meta: Dict):
 
 
 class ExportedModel:
-  """One artefact: m = ExportedModel.load(path); outs = m.run(images, image_hw, padded_hw)."""
+  """One artefact: m = ExportedModel.load(path); outs = m.run(images, image_hw, padded_hw).
+  `.stablehlo` runs through jax (`jax.export`), `.onnx` through onnxruntime (CPU)."""
 
-  def __init__(self, exported, meta: Dict, path: str = ""):
+  def __init__(self, exported, meta: Dict, path: str = "", session=None):
     self.exported = exported
+    self.session = session
     self.meta = meta
     self.path = path
     self.batch = int(meta["batch"])
     self.canvas = tuple(int(v) for v in meta["canvas"])
     self.config = _input_config(meta)
-    self._call = jax.jit(exported.call)
+    self._call = jax.jit(exported.call) if exported is not None else None
 
   @classmethod
   def load(cls, path: str) -> "ExportedModel":
-    """path: DIR/NAME.stablehlo (its NAME.json beside it)."""
+    """path: DIR/NAME.stablehlo or DIR/NAME.onnx (its NAME.json beside it)."""
     meta_path = os.path.splitext(path)[0] + ".json"
     for f in (path, meta_path):
       if not os.path.exists(f):
         raise FileNotFoundError(f"missing exported file {f}")
     with open(meta_path) as f:
       meta = json.load(f)
+    if path.endswith(".onnx"):
+      return cls(None, meta, path, session=onnx_session(path))
     with open(path, "rb") as f:
       exported = jax.export.deserialize(bytearray(f.read()))
     plat = jax.default_backend()
@@ -68,8 +75,12 @@ class ExportedModel:
 
   def run(self, images, image_hw, padded_hw) -> Dict[str, np.ndarray]:
     """images [N, Hc, Wc, 3] f32, image_hw / padded_hw [N, 2] i32 -> padded outputs (numpy)."""
-    outs = self._call(np.asarray(images, np.float32), np.asarray(image_hw, np.int32),
-                      np.asarray(padded_hw, np.int32))
+    args = (np.asarray(images, np.float32), np.asarray(image_hw, np.int32),
+            np.asarray(padded_hw, np.int32))
+    if self.session is not None:
+      outs = self.session.run(list(OUTPUTS), dict(zip(INPUTS, args)))
+    else:
+      outs = self._call(*args)
     return {k: np.asarray(v) for k, v in zip(OUTPUTS, outs)}
 
   def predict(self, images_rgb: Sequence[np.ndarray]) -> List[Dict[str, np.ndarray]]:
@@ -95,6 +106,18 @@ class ExportedModel:
         res.pop("src")
         results.append(res)
     return results
+
+
+def onnx_session(path: str):
+  """onnxruntime CPU session for an exported .onnx (needs the `export` extra)."""
+  try:
+    import onnxruntime as ort
+  except ImportError as e:
+    raise ImportError(f"{path}: running .onnx needs onnxruntime (pip install -e '.[export]')"
+                      ) from e
+  opts = ort.SessionOptions()
+  opts.log_severity_level = 3  # errors only (its unused-initializer notes are noise)
+  return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
 class Runner:
@@ -125,7 +148,7 @@ def load_rgb(path: str) -> np.ndarray:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("artefacts", nargs="+", help="exported .stablehlo files")
+  p.add_argument("artefacts", nargs="+", help="exported .stablehlo or .onnx files")
   p.add_argument("--input", required=True, nargs="+", help="image files")
   p.add_argument("--output", default=None, help="write the detections as JSON here")
   p.add_argument("--score-thresh", "--score_thresh", type=float, default=0.0)

@@ -45,8 +45,14 @@ def _imports(path):
 GRAPH = {m: _imports(p) - {m} for m, p in MODULES.items()}
 
 
+# Modules of an optional extra -> the package they need (skipped without it).
+OPTIONAL = {"centermask_jax.tools.export_onnx": "jax2onnx"}
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_every_module_imports(module):
+  if module in OPTIONAL:
+    pytest.importorskip(OPTIONAL[module])
   importlib.import_module(module)
 
 

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Dict, Sequence, Tuple
 
 import jax
@@ -33,6 +34,7 @@ import numpy as np
 
 from centermask_jax.config import add_config_argument, parse_command_line
 
+INPUTS = ("images", "image_hw", "padded_hw")
 OUTPUTS = ("boxes", "scores", "classes", "mask_probs", "mask_scores", "valid")
 FORMATS = ("stablehlo", "onnx")
 
@@ -187,9 +189,13 @@ def main(argv=None):
             flush=True)
     if "onnx" in args.format:
       from centermask_jax.tools import export_onnx
-      info = export_onnx.export_onnx(model, variables, args.batch, canvas, stem + ".onnx")
+      t0 = time.time()
+      info = export_onnx.export_onnx(inference_fn(model, variables),
+                                     input_specs(args.batch, canvas), stem + ".onnx",
+                                     INPUTS, OUTPUTS)
       meta["artefacts"]["onnx"] = info
-      print(f"{stem}.onnx: {info['bytes'] / 2**20:.1f} MiB", flush=True)
+      print(f"{stem}.onnx: {info['bytes'] / 2**20:.1f} MiB, opset {info['opset']} "
+            f"({time.time() - t0:.0f} s)", flush=True)
     with open(stem + ".json", "w") as f:
       json.dump(meta, f, indent=1)
     print(f"{stem}.json", flush=True)
