@@ -1,5 +1,6 @@
 """Training: device-count invariance, resume exactness, no recompilation, NaN stop, optimiser."""
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -222,11 +223,16 @@ def test_shard_map_step_equals_pmap_step(setup):
 
 
 def test_nan_loss_stops_with_step(setup, tmp_path):
-  c = setup[0]
+  """Metrics reach the host only at log / checkpoint steps (log_every 10 here), yet the
+  error names the first bad step (5) and nothing is saved after it (no checkpoint 6)."""
+  c = tiny_config()
+  c.train.log_every = 10
   with pytest.raises(trainer.NonFiniteLossError, match=r"at step 5 .*Last good checkpoint: "
                      r".*checkpoints/3"):
     trainer.train_and_evaluate(c, str(tmp_path / "n"), FakeIterator(4, 1, nan_at=5),
                                num_steps=6, async_checkpoints=False, quiet=True)
+  from centermask_jax.checkpoints import workdir as ckpt_workdir
+  assert sorted(os.listdir(ckpt_workdir.checkpoint_dir(str(tmp_path / "n")))) == ["3"]
 
 
 def test_schedule_and_decay_masks(setup):

@@ -10,7 +10,12 @@ is printed every `train.log_every` steps. A rerun with the same workdir resumes 
 latest checkpoint (parameters, optimiser state, step and data position); a finished one
 says so and stops within seconds. Ctrl-C (SIGINT) stops after the current step, writes a
 checkpoint of it (unless train.checkpoint_on_interrupt is False) and prints one line.
-A non-finite loss stops the run with the step number; the last good checkpoint is kept.
+Batches are copied to the devices two steps ahead (`parallel.DevicePrefetch`) and each step's
+metrics stay on the devices until a log, checkpoint, evaluation or interrupt step pulls the
+pending ones in one transfer (at most two steps in flight otherwise), so the host never waits
+on a step in between. The finiteness guard checks every pulled step in order before anything
+of it is saved: a non-finite step stops the run naming that (first bad) step; the last good
+checkpoint is kept.
 """
 import logging
 import math
@@ -321,6 +326,34 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
   guard = Guard(bool(t.get("skip_nonfinite_steps", False)),
                 lambda: (mgr.wait_until_finished(), mgr.all_steps())[1],
                 ckpt_workdir.checkpoint_dir(workdir))
+  if jax.process_count() == 1:  # batches copied to the devices ahead of their step
+    train_iter = parallel.DevicePrefetch(train_iter, devices, size=2)
+  pending = []  # (step, per-device metrics still on the devices), in step order
+  window = [time.perf_counter(), 0]  # start, steps: img/s from the time between pulls
+
+  def pull():
+    """Pulls the pending steps' metrics to the host in one transfer and runs the guard on
+    each in step order (raises naming the first bad step, before anything is saved)."""
+    nonlocal last
+    if not pending:
+      return
+    host = jax.device_get([m for _, m in pending])
+    steps = [s for s, _ in pending]
+    pending.clear()
+    if window[1]:
+      per_step = (time.perf_counter() - window[0]) / window[1]
+      for _ in range(window[1]):
+        speed.add(per_step)
+    for s, m in zip(steps, host):
+      m = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}
+      guard.check(s, m)  # non-finite: raises, or (skip mode) counts the skip
+      m["skipped_total"] = float(guard.skipped)
+      last = m
+      history.append(m["total_loss"])
+
+  def restart_window():
+    window[0], window[1] = time.perf_counter(), 0
+
   try:
     stop.__enter__()
     while step < end and not stop.requested:
@@ -328,57 +361,70 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
       canvas = tuple(int(v) for v in np.shape(batch["image"])[-3:-1])
       compiling = canvas not in compiled
       if compiling:
+        pull()
         compiled.append(canvas)
         of = f" of {len(canvases)}" if canvases and canvas in canvases else ""
         _say(f"compiling the train step for canvas {canvas[0]}x{canvas[1]} "
              f"({len(compiled)}{of})...")
       t0 = time.perf_counter()
       rstate, metrics = p_step(rstate, batch, step_rng)
-      metrics = parallel.first_device_metrics(metrics)
-      dt = time.perf_counter() - t0
+      del batch
       step += 1
+      pending.append((step, metrics))
       if compiling:
-        _say(f"compiled and ran step {step} for canvas {canvas[0]}x{canvas[1]} in {dt:.1f} s")
+        jax.block_until_ready(metrics)
+        _say(f"compiled and ran step {step} for canvas {canvas[0]}x{canvas[1]} in "
+             f"{time.perf_counter() - t0:.1f} s")
+        pull()
+        restart_window()
       else:
-        speed.add(dt)
-      guard.check(step, metrics)  # non-finite: raises, or (skip mode) counts the skip
+        window[1] += 1
+        if len(pending) > 2:  # at most two steps in flight without a host transfer
+          jax.block_until_ready(pending[-3][1])
       saver.poll(step)  # a failed async save is reported (and retried once) now
-      metrics["skipped_total"] = float(guard.skipped)
-      last = metrics
-      history.append(metrics["total_loss"])
-      ips, eta = speed.images_per_s(), speed.eta(end - step)
       if bar is not None:
         bar.update(1)
-        bar.set_postfix_str(f"loss {metrics['total_loss']:.3f}, lr {metrics['lr']:.2e}, "
+      save = bool(every and step % every == 0) or step == end
+      evaluate = eval_every >= 0 and ((eval_every and step % eval_every == 0)
+                                      or step == max_iter)
+      logging_step = step % log_every == 0 or step == end
+      if logging_step or save or evaluate:
+        pull()
+      ips, eta = speed.images_per_s(), speed.eta(end - step)
+      if bar is not None and last and not pending:
+        bar.set_postfix_str(f"loss {last['total_loss']:.3f}, lr {last['lr']:.2e}, "
                             + (f"{ips:.1f} img/s, ETA {runlog.format_seconds(eta)}"
                                if ips else "compiling"), refresh=False)
-      if step % log_every == 0 or step == end:
-        line = (f"step {step}/{end}: loss {metrics['total_loss']:.4f} ("
-                + ", ".join(f"{k[5:]} {metrics[k]:.4f}" for k in step_lib.LOSS_KEYS
-                            if k in metrics)
-                + f"), lr {metrics['lr']:.3g}"
+      if logging_step:
+        line = (f"step {step}/{end}: loss {last['total_loss']:.4f} ("
+                + ", ".join(f"{k[5:]} {last[k]:.4f}" for k in step_lib.LOSS_KEYS
+                            if k in last)
+                + f"), lr {last['lr']:.3g}"
                 + (f", {ips:.2f} img/s, ETA {runlog.format_seconds(eta)}" if ips else ""))
         if bar is None and not quiet:
           rl.say(line)
         else:
           rl.to_file("  " + line)
-        rl.metrics(dict(step=step, time=round(time.time(), 3), **metrics,
+        rl.metrics(dict(step=step, time=round(time.time(), 3), **last,
                         images_per_s=ips, eta_s=eta))
         if writer is not None:
-          for k, v in metrics.items():
+          for k, v in last.items():
             writer.add_scalar(f"train/{k}", v, step)
           if ips:
             writer.add_scalar("train/step_time_s", speed.step_time, step)
             writer.add_scalar("train/images_per_s", ips, step)
           writer.flush()
-      if (every and step % every == 0) or step == end:
+      if save:
         saver.save(step, parallel.unreplicate(rstate), train_iter.get_state(), config,
                    meta=meta)
         saved = step
-      if eval_every >= 0 and ((eval_every and step % eval_every == 0) or step == max_iter):
+      if evaluate:
         if bar is not None:
           bar.clear()
         evaluation.run(step, rstate)
+      if logging_step or save or evaluate:
+        restart_window()
+    pull()  # an interrupted run: the guard sees every step before it is saved
     interrupted = stop.requested and step < end
     if interrupted and step > saved and t.get("checkpoint_on_interrupt", True):
       saver.save(step, parallel.unreplicate(rstate), train_iter.get_state(), config,
