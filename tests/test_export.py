@@ -230,6 +230,32 @@ def test_onnx_matches_jax_model(onnx_exported, images, reference):
           f"{stats[1]:.2e}, |mask score| {stats[2]:.2e}, mask px {stats[3]}")
 
 
+def test_serving_cli_runs_onnx_without_model_code(onnx_exported, images, reference, tmp_path):
+  """The .onnx artefact through the runner under the same import guard, onnxruntime allowed
+  (not the converter: onnx, jax2onnx): the JAX model's detections (issue bounds)."""
+  from PIL import Image
+  img = tmp_path / "coffee.png"
+  Image.fromarray(images["img1"]).save(img)
+  out = tmp_path / "pred.json"
+  blocked = tuple(b for b in BLOCKED if b != "onnxruntime")
+  code = GUARD.format(blocked=blocked) + (
+      "from centermask_jax import serving\n"
+      f"rc = serving.main([{str(onnx_exported / (STEM + '.onnx'))!r}, '--input', {str(img)!r},"
+      f" '--output', {str(out)!r}])\n"
+      "assert 'onnxruntime' in sys.modules\n"
+      "sys.exit(rc)\n")
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  inst = json.loads(out.read_text())[0]["instances"]
+  ref = reference["img1"]
+  np.testing.assert_array_equal([i["class"] for i in inst], ref["classes"])
+  np.testing.assert_allclose([i["bbox_xyxy"] for i in inst], ref["boxes"], atol=1e-3, rtol=0)
+  np.testing.assert_allclose([i["score"] for i in inst], ref["scores"], atol=1e-5, rtol=0)
+  np.testing.assert_array_equal([i["mask_area"] for i in inst], ref["masks"].sum(axis=(1, 2)))
+
+
 def test_export_onnx_without_the_extra_is_one_error_line(monkeypatch, capsys, tmp_path):
   """--format onnx without jax2onnx: one error line naming the install, exit 2, nothing
   written (checked before any model is built)."""
