@@ -1,5 +1,6 @@
 """Train input pipeline throughput (images/s) at Lite (580/600, max 1000) and full
-(640..800, max 1333) sizes.
+(640..800, max 1333) sizes, and the time to the first batch when resuming at step 0 and at
+`--resume-step` (default 10^6; the cost must not grow with the step).
 
   python benchmarks/input_pipeline.py [--data-dir DIR --name NAME] [--batches 40]
 
@@ -27,6 +28,7 @@ def main():
   p.add_argument("--batches", type=int, default=40)
   p.add_argument("--devices", type=int, default=1)
   p.add_argument("--per-device-batch", type=int, default=8)
+  p.add_argument("--resume-step", type=int, default=10 ** 6)
   a = p.parse_args()
   data_dir, name = a.data_dir, a.name
   if data_dir is None:
@@ -52,6 +54,12 @@ def main():
     n = a.batches * a.devices * a.per_device_batch
     print(f"{label}: short={tuple(c.input.min_size_train)} max={c.input.max_size_train} "
           f"canvas={b['image'].shape[2:4]} images/s={n / dt:.1f}")
+    for step in (0, a.resume_step):
+      t = time.perf_counter()
+      it.set_state({"step": step})
+      next(it)
+      print(f"{label}: resume at step {step}: first batch after {time.perf_counter() - t:.2f} s")
+    del it  # a live tf.data iterator at interpreter exit can hang it
 
 
 if __name__ == "__main__":

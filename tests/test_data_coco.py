@@ -269,6 +269,15 @@ def test_resume_across_an_epoch_and_at_step_1e6(built):
       b = next(it2)
       for key in b:
         np.testing.assert_array_equal(b[key], run[j][key], err_msg=f"step {j} {key}")
+  # two processes (1 device each) read disjoint halves of the same global batches
+  shards = [pipeline.make_train_iterator(c, data_dir, "tiny", seed=3, num_local_devices=1,
+                                         per_device_batch=1, process_index=p, process_count=2)
+            for p in (0, 1)]
+  for j in range(3):
+    halves = [next(s) for s in shards]
+    for key in run[j]:
+      np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), run[j][key])
+  del shards
   # epoch 0 holds every usable image once before any repeats
   seen = [i for b in run[:first_of_epoch1] for i in b["image_id"].ravel().tolist()]
   assert len(seen) == len(set(seen)) >= info.num_train_images - 2

@@ -223,7 +223,7 @@ def _options():
 def _finish(ds, features, prm, train, seed, d, b, process_index, process_count, step0=0,
             read=None):
   """Global batches of (record, is_real, H0, W0 [PDB], group) -> local contract batches.
-  record: the serialized example, or with `read` (record -> serialized) its number."""
+  record: the serialized example, or with `read` (records [n] -> serialized [n]) its number."""
   db = d * b
   ds = ds.enumerate()
 
@@ -234,11 +234,12 @@ def _finish(ds, features, prm, train, seed, d, b, process_index, process_count, 
                            h0, w0, group)
     lo = process_index * db
     idx = first + lo + tf.range(db, dtype=tf.int64)
-    return ser[lo:lo + db], real[lo:lo + db], idx, tf.tile(canvas[None], [db, 1])
-  ds = ds.map(local).unbatch()
-  example = _example_fn(features, prm, train, seed)
-  ds = ds.map(lambda rec, *a: example(read(rec) if read else rec, *a),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    mine = ser[lo:lo + db]  # this process's records only are read
+    return (read(mine) if read else mine, real[lo:lo + db], idx,
+            tf.tile(canvas[None], [db, 1]))
+  ds = ds.map(local, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
+  ds = ds.map(_example_fn(features, prm, train, seed), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
   ds = ds.batch(db, drop_remainder=True)
   ds = ds.map(lambda x: {k: tf.reshape(t, tf.concat([[d, b], tf.shape(t)[1:]], 0))
                          for k, t in x.items()})
@@ -271,9 +272,10 @@ def build_train_dataset(config, data_dir, name, seed, num_local_devices, per_dev
     group.set_shape([])
     return rec, tf.ones([pdb], tf.bool), h0, w0, group
 
-  def read(rec):
-    s = tf.numpy_function(lambda i: index.read(int(i)), [rec], tf.string, stateful=False)
-    s.set_shape([])
+  def read(recs):
+    s = tf.numpy_function(lambda r: np.asarray([index.read(int(i)) for i in r], object),
+                          [recs], tf.string, stateful=False)
+    s.set_shape(recs.shape)
     return s
 
   ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max).map(global_batch_tf)
