@@ -107,8 +107,14 @@ def test_synthetic_builds_and_feeds_pipeline(tmp_path):
   c = cfg_lib.base_config()
   c.input.min_size_train, c.input.max_size_train = (224, 256), 320
   c.input.min_size_test, c.input.max_size_test = 256, 320
-  b = next(pipeline.make_train_iterator(c, str(tmp_path), "synthetic", 0, 2, 2, 0, 1))
+  it = pipeline.make_train_iterator(c, str(tmp_path), "synthetic", 0, 2, 2, 0, 1)
+  b = next(it)
   assert b["image"].shape in {(2, 2, 256, 384, 3), (2, 2, 384, 256, 3)}
+  import time
+  t = time.perf_counter()  # issue 12.4: resuming at step 10^6 reads no earlier record
+  it.set_state({"step": 10 ** 6})
+  assert next(it)["image"].shape[:2] == (2, 2) and time.perf_counter() - t < 10
+  del it
   assert b["gt_valid"].any(-1).all() and (b["gt_classes"][b["gt_valid"]] < 5).all()
   ids = [i for e in pipeline.make_eval_iterator(c, str(tmp_path), "synthetic", 2, 2, 0, 1)
          for i in e["image_id"][e["is_real"]]]
