@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from centermask_jax.ops import kernels
 from centermask_jax.ops.deform_conv import modulated_deform_conv
+from centermask_jax.ops.numerics import exact_div
 from centermask_jax.ops.padding import apply_mask, masked_group_stats
 
 FROZEN_BN = "frozen_bn"
@@ -85,7 +86,10 @@ class FrozenBN(nn.Module):
   """detectron2 FrozenBatchNorm2d: fixed per-channel affine from 4 buffers (eps 1e-5).
 
   Buffers live in the non-trainable 'frozen_bn' collection; fresh init has
-  running_var = 1 - eps so the op is the identity.
+  running_var = 1 - eps so the op is the identity. Arithmetic as PyTorch's CPU
+  F.batch_norm (eval): a = w * (1 / sqrt(var + eps)) with an IEEE division (XLA's rsqrt
+  is not correctly rounded), y = x * a + (b - mean * a), which XLA:CPU contracts to the
+  same two FMAs: bit-identical to detectron2's eval-mode FrozenBN (docs/PARITY.md).
   """
   eps: float = 1e-5
 
@@ -97,7 +101,7 @@ class FrozenBN(nn.Module):
     rm = self.variable(FROZEN_BN, "running_mean", lambda: jnp.zeros((c,), jnp.float32)).value
     rv = self.variable(FROZEN_BN, "running_var",
                        lambda: jnp.full((c,), 1.0 - self.eps, jnp.float32)).value
-    scale = w * jax.lax.rsqrt(rv + self.eps)
+    scale = w * exact_div(jnp.ones((), jnp.float32), jnp.sqrt(rv + self.eps))
     shift = b - rm * scale
     return x * scale.astype(x.dtype) + shift.astype(x.dtype)
 

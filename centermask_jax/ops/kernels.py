@@ -57,7 +57,10 @@ def depthwise_shifted(x, kernel, stride: int = 1, pad: int = 0):
                           (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
                           (1, stride, stride, 1))
       term = tap * k[i, j]
-      acc = term if acc is None else acc + term
+      # `term + acc`: XLA:CPU then fuses each tap as fma(tap, k, acc), which is PyTorch's
+      # (oneDNN's) depthwise order bit for bit (row-major taps, FMA from the first product);
+      # `acc + term` fused the first two products the other way round (docs/PARITY.md).
+      acc = term if acc is None else term + acc
   return acc
 
 
