@@ -116,3 +116,25 @@ def test_no_module_imports_a_top_level_script():
       words = line.split()
       if len(words) >= 2 and words[0] in ("import", "from") and words[1] in scripts:
         pytest.fail(f"{path.relative_to(REPO)} imports the script {words[1]!r}: {line}")
+
+
+def test_print_config_lists_every_key_with_overrides(capsys):
+  """Issue 15.7: `train.py --config C --print_config` prints the resolved config, every
+  key as `dotted.key = value` (the form --config.KEY=VALUE takes), overrides applied."""
+  main = _main("train.py")
+  assert main(["--config", CONFIG, "--print_config", "--config.optim.base_lr=0.5",
+               "--config.data.name=mine"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  printed = dict(line.split(" = ", 1) for line in lines)
+  want = {}
+
+  def flat(d, prefix=""):
+    for k, v in d.items():
+      if isinstance(v, dict):
+        flat(v, f"{prefix}{k}.")
+      else:
+        want[f"{prefix}{k}"] = v
+  flat(C.load_config(CONFIG).to_dict())
+  assert set(printed) == set(want) and len(lines) == len(want) > 50
+  assert printed["optim.base_lr"] == "0.5" and printed["data.name"] == "'mine'"
+  assert printed["model.num_classes"] == repr(want["model.num_classes"])
