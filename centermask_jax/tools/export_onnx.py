@@ -40,6 +40,33 @@ def _quiet_jax2onnx():
     log.setLevel(level)
 
 
+@contextlib.contextmanager
+def _fast_output_check():
+  """jax2onnx 0.17.1 checks after each lowered equation that its outputs are connected to
+  the graph by scanning every node built so far (quadratic: ~2/3 of the Lite export time).
+  Shortcut: a value whose producing node belongs to the graph being built is connected
+  (onnx_ir keeps node.graph in step with the graph's node list); every other value still
+  gets the full check. Checked on the Lite model: the same nodes, attributes and
+  initializers as without it, export 96 s instead of 204 s (loaded 2-core CPU)."""
+  from jax2onnx.converter import output_binding as ob
+  orig = getattr(ob, "_value_is_graph_connected", None)
+  if orig is None:  # another jax2onnx version: nothing to speed up
+    yield
+    return
+
+  def connected(ctx, value):
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.graph is ctx.builder.nodes:
+      return True
+    return orig(ctx, value)
+
+  ob._value_is_graph_connected = connected
+  try:
+    yield
+  finally:
+    ob._value_is_graph_connected = orig
+
+
 try:
   with _quiet_jax2onnx():
     import jax2onnx
@@ -208,9 +235,10 @@ def compact_initializers(path: str, min_elems: int = 1 << 16) -> Tuple[int, int]
   return n_fill, n_dup
 
 
-def export_onnx(fn, specs, path: str, input_names, output_names):
+def export_onnx(fn, specs, path: str, input_names, output_names, fast: bool = True):
   """Writes fn(*specs) -> tuple of arrays (the inference with the weights closed over;
-  `export.inference_fn`) as one self-contained ONNX file -> info dict for the JSON."""
+  `export.inference_fn`) as one self-contained ONNX file -> info dict for the JSON.
+  fast=False: jax2onnx's own (quadratic) output check (`_fast_output_check`)."""
   version = importlib.metadata.version("jax2onnx")
   if version != JAX2ONNX_VERSION:
     print(f"warning: jax2onnx {version} installed, this export is tested with "
@@ -223,7 +251,7 @@ def export_onnx(fn, specs, path: str, input_names, output_names):
 
   if os.path.exists(path + ".data"):
     os.remove(path + ".data")
-  with _quiet_jax2onnx():
+  with _quiet_jax2onnx(), (_fast_output_check() if fast else contextlib.nullcontext()):
     jax2onnx.to_onnx(flat_fn, list(specs),
                      model_name=os.path.splitext(os.path.basename(path))[0],
                      return_mode="file", output_path=path, export_mode="web", opset=OPSET,
