@@ -9,7 +9,10 @@ portrait test canvases), weights baked in:
 
   DIR/<config name>_<Hc>x<Wc>_b<N>.stablehlo   `jax.export` serialisation (run it with
                                                `centermask_jax.serving`)
-  DIR/<config name>_<Hc>x<Wc>_b<N>.onnx        ONNX model (needs the `export` extra)
+  DIR/<config name>_<Hc>x<Wc>_b<N>.onnx        the same function as one ONNX graph (needs
+                                               the `export` extra and jax2onnx: README;
+                                               tools/export_onnx; run it with onnxruntime,
+                                               e.g. through `centermask_jax.serving`)
   DIR/<config name>_<Hc>x<Wc>_b<N>.json        signature, config name, class names,
                                                preprocessing constants, platforms
 
