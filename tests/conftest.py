@@ -65,3 +65,19 @@ jax.monitoring.register_event_duration_secs_listener(Compiles._listener)
 def compiles():
   """-> Compiles (use `mark = len(compiles.names)`, then `compiles.since(mark)`)."""
   return Compiles
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """After each test module: drop jax's compiled executables and traces (kept for the
+  whole process otherwise) and hand freed heap back to the OS, so the suite's memory stays
+  that of its largest module rather than the sum of all of them."""
+  yield
+  import ctypes
+  import gc
+  jax.clear_caches()
+  gc.collect()
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
