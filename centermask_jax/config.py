@@ -119,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
   # over the all-device RoI counts (gradient independent of how the batch is split).
   t.mask_loss_norm = "per_device"
   t.checkpoint_on_interrupt = True  # Ctrl-C: save the current step before stopping
+  # Mask + MaskIoU branch on the smallest of 16/32/64/128 foreground slots holding the real
+  # count (lax.switch) instead of always all slots. Same numbers up to GEMM rounding; off by
+  # default: measured 3x slower (CPU time) and +1 GiB peak on XLA:CPU (train_b2, Lite V-19).
+  t.fg_slot_buckets = False
   return c
 
 

@@ -126,19 +126,33 @@ def _count_normaliser(count, axis_name):
   return jnp.where(avg > 0, avg, 1.0), avg > 0
 
 
+def normalised(sums, axis_name: Optional[str] = None):
+  """(total, count, zero) partial sums of this device -> total / (device-mean of count),
+  or `zero` (0 * sum of the predictions, keeps the graph) when every count is 0.
+  Split from the sums so that they may come from per-device branches (lax.switch) and
+  the collective runs outside them."""
+  total, count, zero = sums
+  norm, has = _count_normaliser(count, axis_name)
+  return jnp.where(has, total / norm, zero)
+
+
+def mask_loss_sums(mask_logits, mask_targets, fg_valid):
+  """`mask_loss` before normalisation -> (BCE total, pixel count, 0 * sum(logits))."""
+  logits = mask_logits.astype(jnp.float32)
+  fg = fg_valid.astype(bool)
+  bce = bce_with_logits(logits, mask_targets.astype(jnp.float32))
+  total = jnp.sum(jnp.where(fg[..., None, None], bce, 0.0))
+  count = jnp.sum(fg).astype(jnp.float32) * logits.shape[-1] * logits.shape[-2]
+  return total, count, 0.0 * jnp.sum(logits)
+
+
 def mask_loss(mask_logits, mask_targets, fg_valid, axis_name: Optional[str] = None):
   """Mean BCE over the foreground RoIs' 28x28 pixels (spec §d.6).
 
   mask_logits [N, R, S, S] (GT-class channel), mask_targets [N, R, S, S] bool/0-1,
   fg_valid [N, R] bool -> scalar. No foreground RoI -> 0 * sum(logits) (keeps the graph).
   """
-  logits = mask_logits.astype(jnp.float32)
-  fg = fg_valid.astype(bool)
-  bce = bce_with_logits(logits, mask_targets.astype(jnp.float32))
-  total = jnp.sum(jnp.where(fg[..., None, None], bce, 0.0))
-  count = jnp.sum(fg).astype(jnp.float32) * logits.shape[-1] * logits.shape[-2]
-  norm, has_fg = _count_normaliser(count, axis_name)
-  return jnp.where(has_fg, total / norm, 0.0 * jnp.sum(logits))
+  return normalised(mask_loss_sums(mask_logits, mask_targets, fg_valid), axis_name)
 
 
 def maskiou_targets(mask_logits, mask_targets, ratio, fg_valid):
@@ -165,13 +179,17 @@ def maskiou_loss(maskiou_pred, targets, fg_valid, axis_name: Optional[str] = Non
   maskiou_pred [N, R] (GT-class output), targets [N, R], fg_valid [N, R] -> scalar;
   0 * sum(pred) when no RoI has a positive target.
   """
+  return loss_weight * normalised(maskiou_loss_sums(maskiou_pred, targets, fg_valid),
+                                  axis_name)
+
+
+def maskiou_loss_sums(maskiou_pred, targets, fg_valid):
+  """`maskiou_loss` before normalisation -> (total, count, 0 * sum(pred))."""
   pred = maskiou_pred.astype(jnp.float32)
   targets = jax.lax.stop_gradient(targets.astype(jnp.float32))
   sel = fg_valid.astype(bool) & (targets > 0)
   total = jnp.sum(jnp.where(sel, 0.5 * jnp.square(pred - targets), 0.0))
-  count = jnp.sum(sel).astype(jnp.float32)
-  norm, has = _count_normaliser(count, axis_name)
-  return loss_weight * jnp.where(has, total / norm, 0.0 * jnp.sum(pred))
+  return total, jnp.sum(sel).astype(jnp.float32), 0.0 * jnp.sum(pred)
 
 
 def maskiou_targets_and_loss(mask_logits, mask_targets, ratio, maskiou_pred, fg_valid,

@@ -53,6 +53,19 @@ def mask_loss_axis(config, axis_name: Optional[str]) -> Optional[str]:
   return axis_name if norm == "global" else None
 
 
+FG_BUCKETS = (16, 32, 64, 128)
+
+
+def fg_buckets(config, num_rois: Optional[int] = None) -> tuple:
+  """Foreground slot counts the step compiles (lax.switch on the real count): with
+  `train.fg_slot_buckets`, the FG_BUCKETS below the slot count (`fg_slots`, at most
+  num_rois = proposals + GT slots), then the slot count itself; else the slot count only."""
+  slots = fg_slots(config) if num_rois is None else min(fg_slots(config), int(num_rois))
+  if not bool(config.train.get("fg_slot_buckets", False)):
+    return (slots,)
+  return tuple(b for b in FG_BUCKETS if b < slots) + (slots,)
+
+
 def mask_targets(config, boxes, matched_idx, fg_valid, batch, mask_size: int):
   """Foreground RoIs [N, R] -> (28x28 targets bool [N, R, S, S], MaskIoU ratio [N, R],
   overflow bool [] (device targets ran out of crossing slots)) by
@@ -113,31 +126,53 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
   rois = T.match_rois(det["boxes"], det["valid"], batch["gt_boxes"], batch["gt_classes"],
                       batch["gt_valid"], image_hw, max_fg=m.roi.max_fg_per_image,
                       iou_threshold=m.roi.iou_threshold, rng=rng)
-  fg = T.select_fg(rois, fg_slots(config))
-  boxes = jax.lax.stop_gradient(fg["boxes"])
-  pooled, _ = model.pool_rois(fpn, boxes, image_hw, padded_hw)
-  mask_all, _ = model.mask_logits(variables, pooled)
-  cls_logits = postprocess.select_class_masks(mask_all, fg["gt_classes"]).astype(jnp.float32)
-  mt, ratio, target_overflow = mask_targets(config, boxes, fg["matched_idx"], fg["fg"], batch,
-                                            mask_size=cls_logits.shape[-1])
+  buckets = fg_buckets(config, rois["fg"].shape[1])
+  slots = buckets[-1]
+
+  def roi_branch(k):
+    """The mask + MaskIoU branch on k foreground slots per image -> this device's loss
+    partial sums, the target overflow flag (+ per-RoI captures padded to `slots` rows)."""
+    def fn(args):
+      variables, fpn, rois = args
+      fg = T.select_fg(rois, k)
+      boxes = jax.lax.stop_gradient(fg["boxes"])
+      pooled, _ = model.pool_rois(fpn, boxes, image_hw, padded_hw)
+      mask_all, _ = model.mask_logits(variables, pooled)
+      cls_logits = postprocess.select_class_masks(mask_all, fg["gt_classes"]).astype(
+          jnp.float32)
+      mt, ratio, overflow = mask_targets(config, boxes, fg["matched_idx"], fg["fg"], batch,
+                                         mask_size=cls_logits.shape[-1])
+      iou_all = model.maskiou(variables, pooled, jax.nn.sigmoid(cls_logits).astype(compute))
+      iou_g = jnp.take_along_axis(iou_all, fg["gt_classes"][..., None], axis=-1,
+                                  mode="clip")[..., 0].astype(jnp.float32)
+      iou_t = L.maskiou_targets(cls_logits, mt, ratio, fg["fg"])
+      out = {"mask": L.mask_loss_sums(cls_logits, mt, fg["fg"]),
+             "maskiou": L.maskiou_loss_sums(iou_g, iou_t, fg["fg"]),
+             "overflow": overflow}
+      if capture:
+        pad = lambda a: jnp.pad(a, [(0, 0), (0, slots - k)] + [(0, 0)] * (a.ndim - 2))
+        out["inter"] = jax.tree_util.tree_map(pad, {
+            "fg_rois": fg, "mask_targets": mt, "mask_prob_gtcls": jax.nn.sigmoid(cls_logits),
+            "maskiou_targets": iou_t, "maskiou_pred_gtcls": iou_g})
+      return out
+    return fn
+
+  # Slots bucketed by this device's largest real foreground count (exact: the rows past
+  # it are padding either way); the collectives of the normalisers stay outside.
+  n_fg = jnp.max(jnp.sum(rois["fg"], axis=1))
+  branch = sum((n_fg > b).astype(jnp.int32) for b in buckets[:-1])
+  part = jax.lax.switch(branch, [roi_branch(k) for k in buckets], (variables, fpn, rois))
   mask_axis = mask_loss_axis(config, axis_name)
-  loss_mask = L.mask_loss(cls_logits, mt, fg["fg"], axis_name=mask_axis)
-  iou_all = model.maskiou(variables, pooled, jax.nn.sigmoid(cls_logits).astype(compute))
-  iou_g = jnp.take_along_axis(iou_all, fg["gt_classes"][..., None], axis=-1,
-                              mode="clip")[..., 0].astype(jnp.float32)
-  loss_maskiou, iou_t = L.maskiou_targets_and_loss(
-      cls_logits, mt, ratio, iou_g, fg["fg"], axis_name=mask_axis,
-      loss_weight=m.maskiou_head.loss_weight)
+  loss_mask = L.normalised(part["mask"], mask_axis)
+  loss_maskiou = m.maskiou_head.loss_weight * L.normalised(part["maskiou"], mask_axis)
   losses = {"loss_fcos_cls": fl["loss_fcos_cls"], "loss_fcos_loc": fl["loss_fcos_loc"],
             "loss_fcos_ctr": fl["loss_fcos_ctr"], "loss_mask": loss_mask,
             "loss_maskiou": loss_maskiou}
   total = sum(losses[k] for k in LOSS_KEYS)
-  aux = dict(losses, num_pos=fl["num_pos"], num_fg=jnp.sum(fg["fg"]).astype(jnp.float32),
-             mask_target_overflow=target_overflow.astype(jnp.float32))
+  aux = dict(losses, num_pos=fl["num_pos"], num_fg=jnp.sum(rois["fg"]).astype(jnp.float32),
+             mask_target_overflow=part["overflow"].astype(jnp.float32))
   if capture:
-    aux["inter"] = {"fcos_targets": tg, "proposals": det, "fg_rois": fg, "mask_targets": mt,
-                    "mask_prob_gtcls": jax.nn.sigmoid(cls_logits), "maskiou_targets": iou_t,
-                    "maskiou_pred_gtcls": iou_g}
+    aux["inter"] = dict(part["inter"], fcos_targets=tg, proposals=det)
   return total, aux
 
 
