@@ -165,6 +165,23 @@ def test_mv2_downstream_of_reference_backbone(mode, mv2_reference_is_bit_identic
     assert len(taps) == 5 and all(l.err == 0 for l in taps)
 
 
+def test_mv2_our_model_in_pytorch_conv_order_passes_eval():
+  """Our own model on the Mv2 fixture with only its dense convs summed in PyTorch CPU's order
+  (`--conv-order pytorch`; FrozenBN, ReLU6 and depthwise convs already round as PyTorch's):
+  every eval stage passes and the stem, res2 and res3 taps are bit-identical, i.e. the
+  plain run's Mv2 misses are conv summation order. Slow (FMA chains instead of matmuls)."""
+  if not os.environ.get(SLOW_ENV):
+    pytest.skip(f"slow: set {SLOW_ENV}=1")
+  if not MV2.exists():
+    pytest.skip(f"{MV2} not available")
+  config = REPO / "configs" / f"{_meta(MV2).get('config', MV2.name)}.py"
+  rep = parity.run(str(config), str(MV2), None, conv_order="pytorch")
+  assert not rep.failed, "\n".join(str(l) for l in rep.failed)
+  exact = {l.stage: l.err for l in rep.lines
+           if l.stage in ("backbone_stem", "backbone_stage2", "backbone_stage3")}
+  assert len(exact) == 3 and not any(exact.values()), exact
+
+
 def parity_config():
   return REPO / CONFIG
 

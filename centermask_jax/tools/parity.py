@@ -17,7 +17,9 @@ test those steps free of the float32 noise our dense maps carry.
 our bottom-up outputs by the reference's own float32 backbone recomputed with PyTorch from
 the fixture weights (`reference_backbone`; eval / train = detectron2's two FrozenBN forms):
 a diagnostic that tests everything downstream of the backbone free of the backbone's
-amplified float32 rounding (docs/PARITY.md).
+amplified float32 rounding (docs/PARITY.md). `--conv-order pytorch` instead runs our whole
+model with its dense convs summed in PyTorch CPU's order (`reference_order`; slow, a
+diagnostic too).
 """
 import argparse
 import contextlib
@@ -163,17 +165,18 @@ def fixture_images(inp, canvas: Optional[tuple] = None):
 def run(config, fixture: str, canvas: Optional[tuple] = None,
         train: bool = False, weights: Optional[str] = None,
         mask_targets: Optional[str] = None,
-        reference_backbone: Optional[str] = None) -> Report:
+        reference_backbone: Optional[str] = None, conv_order: Optional[str] = None) -> Report:
   """Inference stages (eval_outputs / given_boxes_outputs) or, with `train`, the
   training stages of train_outputs.npz (`parity_train.run_train`); `mask_targets`
   ('device' | 'pycocotools') overrides config.model.mask_head.target_impl;
-  `reference_backbone` ('eval' | 'train') substitutes the reference's float32 backbone
-  (see the module docstring).
+  `reference_backbone` ('eval' | 'train') substitutes the reference's float32 backbone;
+  `conv_order` 'pytorch' sums our dense convs in PyTorch CPU's order (module docstring).
 
   Parity is a float32 exactness check: matmuls run at full precision on every backend
   (set for this call only)."""
   with jax.default_matmul_precision("highest"):
-    return _run(config, fixture, canvas, train, weights, mask_targets, reference_backbone)
+    return _run(config, fixture, canvas, train, weights, mask_targets, reference_backbone,
+                conv_order)
 
 
 def substitute_bottom_up(features: Dict[str, np.ndarray], image_shape: Tuple[int, ...]):
@@ -200,17 +203,23 @@ def _reference_features(cfg, fixture, weights, inp, canvas, form):
 
 def _run(config, fixture: str, canvas: Optional[tuple], train: bool,
          weights: Optional[str], mask_targets: Optional[str] = None,
-         reference_backbone: Optional[str] = None) -> Report:
+         reference_backbone: Optional[str] = None,
+         conv_order: Optional[str] = None) -> Report:
   cfg, model, variables = load_model(config, fixture, weights)
   if mask_targets:
     cfg.model.mask_head.target_impl = mask_targets
   inp = np.load(os.path.join(fixture, "inputs.npz"))
   images, image_hw, orig_hw, padded_hw = fixture_images(inp, canvas)
-  substitute = contextlib.nullcontext()
+  substitute = contextlib.ExitStack()
   if reference_backbone:
-    substitute = substitute_bottom_up(
+    substitute.enter_context(substitute_bottom_up(
         _reference_features(cfg, fixture, weights, inp, canvas, reference_backbone),
-        images.shape)
+        images.shape))
+  if conv_order == "pytorch":
+    from centermask_jax.tools import reference_order
+    substitute.enter_context(reference_order.pytorch_order())
+  elif conv_order not in (None, "xla"):
+    raise ValueError(f"conv_order must be 'xla' or 'pytorch', got {conv_order!r}")
   with substitute:
     return _compare(cfg, model, variables, fixture, images, image_hw, orig_hw, padded_hw,
                     train)
@@ -424,13 +433,16 @@ def main(argv=None) -> int:
                   help="diagnostic (MobileNetV2, needs torch): replace our backbone outputs by "
                        "the reference's float32 backbone recomputed with PyTorch, with "
                        "detectron2's eval or train FrozenBN arithmetic (docs/PARITY.md)")
+  ap.add_argument("--conv-order", choices=("xla", "pytorch"), default="xla",
+                  help="diagnostic: 'pytorch' sums our dense convs in PyTorch CPU's order "
+                       "(slow; docs/PARITY.md)")
   ap.add_argument("--mask-targets", choices=("device", "pycocotools"), default=None,
                   help="--train: mask/MaskIoU target implementation (default: the config's "
                        "model.mask_head.target_impl)")
   args, cfg = parse_command_line(ap, argv)
   rep = run(cfg, args.fixture, parse_hw(args.canvas), train=args.train,
             weights=args.weights, mask_targets=args.mask_targets,
-            reference_backbone=args.reference_backbone)
+            reference_backbone=args.reference_backbone, conv_order=args.conv_order)
   failed = rep.failed
   print(f"parity stages: {len(rep.lines) - len(failed)} PASS, {len(failed)} FAIL")
   return 1 if failed else 0
