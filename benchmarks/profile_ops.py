@@ -55,6 +55,57 @@ def fused_source(idx, hlo_text, comp):
   return ",".join(sorted(set(out)))[:120]
 
 
+def self_times(prof, idx, iters):
+  """-> ({thunk name: self seconds per call}, wall seconds per call) from an XSpace.
+
+  Thunks nest (a while/conditional/call thunk contains the thunks of its body, on the same
+  thread), so each event's time is its duration minus that of the thunk events it contains
+  on its thread; events that are not HLO instructions (profiler bookkeeping) are ignored.
+  """
+  tot = collections.Counter()
+  t0, t1 = None, None
+  for plane in prof.planes:
+    if plane.name != "/host:CPU":
+      continue
+    for line in plane.lines:
+      if line.name == "python":
+        continue
+      evs = sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
+                    if e.name in idx), key=lambda e: (e[0], -e[1]))
+      stack = []  # [end, name, child time]
+      def close(item):
+        tot[item[1]] += (item[3] - item[2] - item[0]) / 1e9 / iters
+      for s, e, name in evs:
+        while stack and stack[-1][3] <= s:
+          close(stack.pop())
+        if stack:
+          stack[-1][0] += e - s
+        stack.append([0, name, s, e])
+        t0 = s if t0 is None else min(t0, s)
+        t1 = e if t1 is None else max(t1, e)
+      while stack:
+        close(stack.pop())
+  return tot, ((t1 - t0) / 1e9 / iters if t0 is not None else 0.0)
+
+
+def op_kind(idx, text, name):
+  """Coarse class of a thunk: conv forward / input-grad / kernel-grad (by shapes), dot,
+  transpose/copy fusions, other loop fusions, ... (for --by kind)."""
+  opcode, shape, src, calls = idx[name]
+  what = fused_source(idx, text, calls) if calls else ""
+  if "convolution" in what or opcode.startswith("convolution"):
+    dims = re.findall(r"\[([\d,]*)\]", shape)
+    d = [int(v) for v in dims[0].split(",") if v] if dims else []
+    if len(d) == 4 and d[1] == d[2] and d[1] in (1, 3, 5, 7) and "transpose" not in src:
+      return "conv kernel-grad (output [Cout?, k, k, Cin?])"
+    return "conv (forward or input-grad)" + (" [transpose(jvp)]" if "transpose(" in src else "")
+  if "dot" in what or opcode.startswith("dot"):
+    return "dot" + (" [transpose(jvp)]" if "transpose(" in src else "")
+  if "transpose" in name or "copy" in name:
+    return "transpose/copy fusion"
+  return opcode.split(":")[0] + ":" + (opcode.split(":")[1] if ":" in opcode else "")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,12 +114,16 @@ def main():
   ap.add_argument("--batch", type=int, default=2, choices=(1, 2))
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--top", type=int, default=30)
-  ap.add_argument("--by", default="op", choices=("op", "source"))
+  ap.add_argument("--by", default="op", choices=("op", "source", "kind"))
   ap.add_argument("--depthwise", choices=("lax", "shifted"),
                   help="force this depthwise conv implementation (ops/kernels.py)")
   ap.add_argument("--shared", default=os.path.join(os.path.dirname(REPO), "shared"))
   ap.add_argument("--cache", default=os.path.join(os.path.dirname(REPO), "cache"))
+  ap.add_argument("--from", dest="from_dir",
+                  help="re-read a kept trace + HLO (same --iters) instead of running")
   args = ap.parse_args()
+  if args.from_dir:
+    return report(args, args.from_dir, "(kept)")
   sys.path.insert(0, REPO)
   sys.path.insert(0, os.path.join(REPO, "benchmarks"))
   import jax
@@ -119,30 +174,37 @@ def main():
     fargs = (state, batch, jax.random.PRNGKey(0))
   compiled = fn.lower(*fargs).compile()
   text = compiled.as_text()
-  idx = hlo_index(text)
   jax.block_until_ready(compiled(*fargs))
   tmp = tempfile.mkdtemp(prefix="cm_prof_")
+  with open(os.path.join(tmp, "hlo.txt"), "w") as f:
+    f.write(text)
   jax.profiler.start_trace(tmp)
   for _ in range(args.iters):
     jax.block_until_ready(compiled(*fargs))
   jax.profiler.stop_trace()
+  print(f"trace and compiled HLO kept in {tmp} (re-read with --from {tmp})")
+  report(args, tmp, padded)
+
+
+def report(args, tmp, padded):
+  from jax.profiler import ProfileData
+  with open(os.path.join(tmp, "hlo.txt")) as f:
+    text = f.read()
+  idx = hlo_index(text)
   pb = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0]
   prof = ProfileData.from_file(pb)
-  tot = collections.Counter()
-  cnt = collections.Counter()
-  for plane in prof.planes:
-    if plane.name != "/host:CPU":
-      continue
-    for line in plane.lines:
-      if line.name == "python":
-        continue
-      for e in line.events:
-        if e.name in idx:
-          tot[e.name] += e.duration_ns / 1e9 / args.iters
-          cnt[e.name] += 1
+  tot, wall = self_times(prof, idx, args.iters)
   total = sum(tot.values())
-  print(f"{args.model} {args.what} batch {args.batch} padded {padded}: summed op time "
-        f"{total:.3f} s per call over {len(tot)} thunks")
+  print(f"{args.model} {args.what} batch {args.batch} padded {padded}: wall {wall:.3f} s per "
+        f"call under the profiler; summed op self time {total:.3f} s per call over "
+        f"{len(tot)} thunks (threads run thunks concurrently: the sum can exceed wall)")
+  if args.by == "kind":
+    groups = collections.Counter()
+    for k, v in tot.items():
+      groups[op_kind(idx, text, k)] += v
+    for k, v in groups.most_common(args.top):
+      print(f"{v:8.4f} s {100 * v / total:5.1f}%  {k}")
+    return
   if args.by == "source":
     groups = collections.Counter()
     for k, v in tot.items():

@@ -38,25 +38,20 @@ def lax_conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1):
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
-def depthwise_shifted(x, kernel, stride: int = 1, pad: int = 0):
-  """Depthwise conv as shifted multiply-adds.
+def _tap(xp, i, j, stride, ho, wo):
+  """Strided slice of the padded input seen by kernel tap (i, j): [N, ho, wo, C]."""
+  n, _, _, c = xp.shape
+  return jax.lax.slice(xp, (0, i, j, 0),
+                       (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
+                       (1, stride, stride, 1))
 
-  x [N, H, W, C], kernel [kh, kw, 1, C] -> [N, (H + 2p - kh) // s + 1, (W + 2p - kw) // s + 1, C];
-  equal to `lax_conv2d(x, kernel, stride, pad, groups=C)` up to float summation order.
-  """
-  n, h, w, c = x.shape
-  kh, kw = kernel.shape[:2]
-  ho = (h + 2 * pad - kh) // stride + 1
-  wo = (w + 2 * pad - kw) // stride + 1
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
-  k = kernel.reshape(kh, kw, c).astype(x.dtype)
+
+def _shifted_macs(xp, k, stride, ho, wo):
+  """sum_ij xp[:, i + s*y, j + s*x, :] * k[i, j]: xp [N, Hp, Wp, C], k [kh, kw, C] -> [N, ho, wo, C]."""
   acc = None
-  for i in range(kh):
-    for j in range(kw):
-      tap = jax.lax.slice(xp, (0, i, j, 0),
-                          (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                          (1, stride, stride, 1))
-      term = tap * k[i, j]
+  for i in range(k.shape[0]):
+    for j in range(k.shape[1]):
+      term = _tap(xp, i, j, stride, ho, wo) * k[i, j]
       # `term + acc`: XLA:CPU then fuses each tap as fma(tap, k, acc), which is PyTorch's
       # (oneDNN's) depthwise order bit for bit (row-major taps, FMA from the first product);
       # `acc + term` fused the first two products the other way round (docs/PARITY.md).
@@ -64,12 +59,52 @@ def depthwise_shifted(x, kernel, stride: int = 1, pad: int = 0):
   return acc
 
 
-def _tap(xp, i, j, stride, ho, wo):
-  """Strided slice of the padded input seen by kernel tap (i, j): [N, ho, wo, C]."""
-  n, _, _, c = xp.shape
-  return jax.lax.slice(xp, (0, i, j, 0),
-                       (n, i + stride * (ho - 1) + 1, j + stride * (wo - 1) + 1, c),
-                       (1, stride, stride, 1))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def depthwise_shifted(x, kernel, stride: int = 1, pad: int = 0):
+  """Depthwise conv as shifted multiply-adds.
+
+  x [N, H, W, C], kernel [kh, kw, 1, C] -> [N, (H + 2p - kh) // s + 1, (W + 2p - kw) // s + 1, C];
+  equal to `lax_conv2d(x, kernel, stride, pad, groups=C)` up to float summation order.
+  Custom gradients keep only x and the kernel for the backward pass (autodiff of the taps
+  would store kh*kw shifted copies of x): dx is the same shifted multiply-add on the
+  (stride-dilated) output gradient with the flipped kernel, dk one reduction per tap.
+  """
+  return _depthwise_fwd(x, kernel, stride, pad)[0]
+
+
+def _depthwise_fwd(x, kernel, stride, pad):
+  n, h, w, c = x.shape
+  kh, kw = kernel.shape[:2]
+  ho = (h + 2 * pad - kh) // stride + 1
+  wo = (w + 2 * pad - kw) // stride + 1
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  k = kernel.reshape(kh, kw, c).astype(x.dtype)
+  return _shifted_macs(xp, k, stride, ho, wo), (x, kernel)
+
+
+def _depthwise_bwd(stride, pad, res, g):
+  x, kernel = res
+  n, h, w, c = x.shape
+  kh, kw = kernel.shape[:2]
+  ho, wo = g.shape[1:3]
+  g = g.astype(x.dtype)
+  # dx[y] = sum_i gd[y + pad - i] k[i], gd = g dilated by the stride: pad gd so that tap
+  # (kh-1-i) of a stride-1 walk reads gd[y + pad - i] (negative pads crop).
+  lo_h, lo_w = kh - 1 - pad, kw - 1 - pad
+  gp = jax.lax.pad(g, jnp.zeros((), g.dtype),
+                   ((0, 0, 0), (lo_h, h + pad - (ho - 1) * stride - 1, stride - 1),
+                    (lo_w, w + pad - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
+  kf = kernel.reshape(kh, kw, c)[::-1, ::-1].astype(x.dtype)
+  dx = _shifted_macs(gp, kf, 1, h, w)
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  dk = jnp.stack([
+      jnp.sum(_tap(xp, i, j, stride, ho, wo).astype(acc) * g.astype(acc), axis=(0, 1, 2))
+      for i in range(kh) for j in range(kw)]).reshape(kernel.shape).astype(kernel.dtype)
+  return dx, dk
+
+
+depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
