@@ -65,3 +65,28 @@ def test_dense_dot_grad_equals_lax_conv_grads(n, h, w, ci, co, k, s, p):
   gx, gk = f(lambda a, b: K.conv2d(a, b, s, p, impl="dot"))
   np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gk, gk_ref, rtol=1e-5, atol=1e-4)
+
+
+def test_class_predictor_selected_equals_full_then_select():
+  """Mask predictor for one class per RoI == full per-class 1x1 conv, then the channel
+  (forward and gradients w.r.t. input and parameters); out-of-range classes clip."""
+  from centermask_jax.models.mask_head import ClassPredictor
+  from centermask_jax.ops.postprocess import select_class_masks
+  x = _rand((5, 6, 6, 8), 10)
+  classes = jnp.asarray([3, 0, 6, -1, 9], jnp.int32)  # out of range: as select_class_masks
+  m = ClassPredictor(7)
+  params = m.init(jax.random.PRNGKey(0), x)
+  params = jax.tree_util.tree_map(lambda p: _rand(p.shape, 11), params)  # non-zero bias
+  g = _rand((5, 6, 6), 12)
+
+  def full(p, a):
+    return select_class_masks(m.apply(p, a), classes)
+
+  def sel(p, a):
+    return m.apply(p, a, classes)
+  np.testing.assert_allclose(sel(params, x), full(params, x), rtol=1e-5, atol=1e-5)
+  f = lambda fn: jax.grad(lambda p, a: jnp.sum(jnp.tanh(fn(p, a)) * g), (0, 1))(params, x)
+  (gp_ref, gx_ref), (gp, gx) = f(full), f(sel)
+  np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(gp_ref)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

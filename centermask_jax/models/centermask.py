@@ -135,11 +135,14 @@ class CenterMask:
         sampling_ratio=mh.sampling_ratio)
     return pooled, levels
 
-  def mask_logits(self, variables, pooled, capture: bool = False):
-    """pooled [N, R, S, S, C] -> mask logits [N, R, 2S, 2S, num_classes] (+ intermediates)."""
+  def mask_logits(self, variables, pooled, capture: bool = False, classes=None):
+    """pooled [N, R, S, S, C] -> mask logits [N, R, 2S, 2S, num_classes] (+ intermediates);
+    with classes int [N, R]: [N, R, 2S, 2S], the logits of those classes only (the
+    predictor evaluated for one class per RoI, `mask_head.ClassPredictor`)."""
     n, r = pooled.shape[:2]
     flat = pooled.reshape(n * r, *pooled.shape[2:])
-    out, state = self.mask_head.apply(sub_variables(variables, MASK_HEAD), flat,
+    cls = None if classes is None else classes.reshape(n * r)
+    out, state = self.mask_head.apply(sub_variables(variables, MASK_HEAD), flat, cls,
                                       mutable=["intermediates"] if capture else [])
     out = out.reshape(n, r, *out.shape[1:])
     if not capture:
@@ -190,8 +193,11 @@ class CenterMask:
                   capture: bool = False):
     """Mask + MaskIoU heads on given boxes [N, R, 4] with classes/scores [N, R]."""
     pooled, levels = self.pool_rois(fpn_feats, boxes, image_hw, padded_hw)
-    logits, inter = self.mask_logits(variables, pooled, capture=capture)
-    cls_logits = postprocess.select_class_masks(logits, classes)
+    if capture:  # every class's logits are a compared stage
+      logits, inter = self.mask_logits(variables, pooled, capture=True)
+      cls_logits = postprocess.select_class_masks(logits, classes)
+    else:
+      cls_logits, _ = self.mask_logits(variables, pooled, classes=classes)
     probs = jax.nn.sigmoid(cls_logits)
     iou = self.maskiou(variables, pooled, probs)
     out = {"roi_levels": levels, "mask_probs": probs, "maskiou": iou,

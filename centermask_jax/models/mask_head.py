@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from centermask_jax.models import layers as L
+from centermask_jax.ops import kernels
 
 # detectron2 c2_msra_fill: kaiming_normal(fan_out, relu).
 msra_fill = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -38,13 +39,37 @@ class SpatialAttention(nn.Module):
     return x * nn.sigmoid(att)
 
 
+class ClassPredictor(nn.Module):
+  """The per-class 1x1 predictor (kernel [1, 1, Cin, F], bias [F]), optionally evaluated for
+  one class per RoI only: x [R, M, M, Cin] -> [R, M, M, F], or with classes int [R]
+  -> [R, M, M] = channel classes[r] of the full output (indexed as
+  `postprocess.select_class_masks`), computed as one Cin-long dot per pixel instead of F
+  (exact up to float summation order)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x, classes=None):
+    kernel = self.param("kernel", nn.initializers.normal(0.001),
+                        (1, 1, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    if classes is None:
+      return kernels.conv2d(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+    cls = jnp.asarray(classes, jnp.int32)
+    cls = jnp.where(cls < 0, cls + self.features, cls)  # as select_class_masks indexes
+    w = jnp.take(kernel[0, 0].T, cls, axis=0, mode="clip").astype(x.dtype)  # [R, Cin]
+    b = jnp.take(bias, cls, mode="clip").astype(x.dtype)
+    return jnp.einsum("rijc,rc->rij", x, w) + b[:, None, None]
+
+
 class SAGMaskHead(nn.Module):
+  """x [R, 14, 14, C] -> mask logits [R, 28, 28, num_classes], or with classes int [R]
+  -> [R, 28, 28] (the logits of those classes only, see ClassPredictor)."""
   num_classes: int = 80
   num_convs: int = 4
   conv_dim: int = 256
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, classes=None):
     for i in range(self.num_convs):
       x = nn.relu(L.Conv(self.conv_dim, 3, kernel_init=msra_fill, name=f"mask_fcn{i + 1}")(x))
     self.sow("intermediates", "sam_in", x)
@@ -53,5 +78,4 @@ class SAGMaskHead(nn.Module):
     x = Deconv2x2(self.conv_dim, name="deconv")(x)
     self.sow("intermediates", "deconv_out", x)
     x = nn.relu(x)
-    return L.Conv(self.num_classes, 1, kernel_init=nn.initializers.normal(0.001),
-                  name="predictor")(x)
+    return ClassPredictor(self.num_classes, name="predictor")(x, classes)

@@ -20,7 +20,7 @@ import optax
 from centermask_jax import parallel
 
 from centermask_jax.models.centermask import CenterMask
-from centermask_jax.ops import fcos_postprocess, postprocess
+from centermask_jax.ops import fcos_postprocess
 from centermask_jax.training import losses as L
 from centermask_jax.training import mask_targets as MT
 from centermask_jax.training import targets as T
@@ -137,9 +137,8 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
       fg = T.select_fg(rois, k)
       boxes = jax.lax.stop_gradient(fg["boxes"])
       pooled, _ = model.pool_rois(fpn, boxes, image_hw, padded_hw)
-      mask_all, _ = model.mask_logits(variables, pooled)
-      cls_logits = postprocess.select_class_masks(mask_all, fg["gt_classes"]).astype(
-          jnp.float32)
+      cls_logits, _ = model.mask_logits(variables, pooled, classes=fg["gt_classes"])
+      cls_logits = cls_logits.astype(jnp.float32)
       mt, ratio, overflow = mask_targets(config, boxes, fg["matched_idx"], fg["fg"], batch,
                                          mask_size=cls_logits.shape[-1])
       iou_all = model.maskiou(variables, pooled, jax.nn.sigmoid(cls_logits).astype(compute))
