@@ -155,11 +155,19 @@ def roi_align(features, boxes, padded_hw, stride: int, output_size: int = 14,
   ay = ay.astype(feats.dtype)
   ax = ax.astype(feats.dtype)
   # Contract the longer canvas axis first: the intermediate is [N, R, S, min(Hc, Wc), C].
+  # Both contractions are written so that XLA needs no transpose of the (large)
+  # intermediate, forward or backward: the first is one GEMM per image with the
+  # intermediate in its natural [N, R*S, (canvas, C)] layout, the second a batch over
+  # (N, R, S) of small GEMMs [S, canvas] @ [canvas, C] whose output is already
+  # [N, R, S, S, C] (the other axis' weights broadcast over the batch, S x smaller).
+  s = ay.shape[2]
   if hc >= wc:
     t = jnp.einsum("nrph,nhwc->nrpwc", ay, feats, precision=precision)
-    return jnp.einsum("nrpwc,nrqw->nrpqc", t, ax, precision=precision)
-  t = jnp.einsum("nrqw,nhwc->nrhqc", ax, feats, precision=precision)
-  return jnp.einsum("nrhqc,nrph->nrpqc", t, ay, precision=precision)
+    axb = jnp.broadcast_to(ax[:, :, None], ax.shape[:2] + (s,) + ax.shape[2:])
+    return jnp.einsum("nrpqw,nrpwc->nrpqc", axb, t, precision=precision)
+  t = jnp.einsum("nrqw,nwhc->nrqhc", ax, jnp.swapaxes(feats, 1, 2), precision=precision)
+  ayb = jnp.broadcast_to(ay[:, :, None], ay.shape[:2] + (s,) + ay.shape[2:])
+  return jnp.swapaxes(jnp.einsum("nrqph,nrqhc->nrqpc", ayb, t, precision=precision), 2, 3)
 
 
 def multilevel_roi_align(features_list, boxes, levels, padded_hw, strides=(8, 16, 32),
