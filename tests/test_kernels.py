@@ -90,3 +90,22 @@ def test_class_predictor_selected_equals_full_then_select():
   np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(gp_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_deconv2x2_equals_lax_conv_transpose():
+  """Mask-head deconv (k = s = 2) as per-row-parity GEMMs == XLA's transposed conv
+  (out[2i+a, 2j+b] = x[i, j] @ k[a, b] + bias), forward and gradients."""
+  from centermask_jax.models.mask_head import Deconv2x2
+  x, k, b = _rand((3, 5, 4, 6), 13), _rand((2, 2, 6, 7), 14), _rand((7,), 15)
+  g = _rand((3, 10, 8, 7), 16)
+
+  def ref(x, k, b):
+    return jax.lax.conv_transpose(x, k[::-1, ::-1], (2, 2), "VALID",
+                                  dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+
+  def ours(x, k, b):
+    return Deconv2x2(7).apply({"params": {"kernel": k, "bias": b}}, x)
+  np.testing.assert_allclose(ours(x, k, b), ref(x, k, b), rtol=1e-5, atol=1e-5)
+  f = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.tanh(fn(*a)) * g), (0, 1, 2))(x, k, b)
+  for a, r in zip(f(ours), f(ref)):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)

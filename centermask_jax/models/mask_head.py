@@ -25,7 +25,12 @@ class Deconv2x2(nn.Module):
     n, h, w, c = x.shape
     kernel = self.param("kernel", msra_fill, (2, 2, c, self.features), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-    y = jnp.einsum("nijc,abcd->niajbd", x, kernel.astype(x.dtype))
+    # One GEMM per output-row parity a: [N*H*W, C] @ [C, (b, d)], rows interleaved by a
+    # concatenation; no transpose of the output (or of its gradient) is needed.
+    k = jnp.transpose(kernel.astype(x.dtype), (0, 2, 1, 3)).reshape(2, c, 2 * self.features)
+    rows = [jnp.dot(x.reshape(n * h * w, c), k[a]).reshape(n, h, 1, w, 2 * self.features)
+            for a in range(2)]
+    y = jnp.concatenate(rows, axis=2)
     return y.reshape(n, 2 * h, 2 * w, self.features) + bias.astype(x.dtype)
 
 
