@@ -222,6 +222,9 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv):
     return time.perf_counter() - t, time.process_time() - c, r
 
   first, _, res = timed()
+  if not mode.startswith("infer"):
+    from centermask_jax import parallel
+    parallel.release_host_memory()  # as the trainer does after compiling the step
   for _ in range(max(0, warmup - 1)):
     timed()
   hwm_warm = _hwm_gib()

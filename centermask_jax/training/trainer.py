@@ -373,6 +373,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
       pending.append((step, metrics))
       if compiling:
         jax.block_until_ready(metrics)
+        parallel.release_host_memory()  # the compiler's freed heap back to the OS
         _say(f"compiled and ran step {step} for canvas {canvas[0]}x{canvas[1]} in "
              f"{time.perf_counter() - t0:.1f} s")
         pull()
