@@ -209,8 +209,13 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv):
     fresh = lambda: parallel.replicate(host_state, devices)  # noqa: E731
     state = [fresh()]
 
+    exe = []
+
     def call():
-      st, m = p_step(state[0], batch, key_)
+      if not exe:  # compiled ahead of the first run, heap released, as the trainer does
+        exe.append(p_step.lower(state[0], batch, key_).compile())
+        parallel.release_host_memory()
+      st, m = exe[0](state[0], batch, key_)
       return jax.block_until_ready(m)
     _reset_hwm()
 
@@ -222,9 +227,6 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv):
     return time.perf_counter() - t, time.process_time() - c, r
 
   first, _, res = timed()
-  if not mode.startswith("infer"):
-    from centermask_jax import parallel
-    parallel.release_host_memory()  # as the trainer does after compiling the step
   for _ in range(max(0, warmup - 1)):
     timed()
   hwm_warm = _hwm_gib()
