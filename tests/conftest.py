@@ -73,11 +73,8 @@ def _release_compiled_programs():
   whole process otherwise) and hand freed heap back to the OS, so the suite's memory stays
   that of its largest module rather than the sum of all of them."""
   yield
-  import ctypes
   import gc
+  from centermask_jax import parallel
   jax.clear_caches()
   gc.collect()
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except (OSError, AttributeError):  # not glibc
-    pass
+  parallel.release_host_memory()
