@@ -55,16 +55,14 @@ def replicate(tree, devices: Optional[Sequence] = None, across_processes: bool =
   return jax.pmap(lambda x: x, axis_name=AXIS, devices=pdev)(stacked)
 
 
-def unreplicate(tree):
-  """[D, ...] replicated tree -> the copy of device 0 (still on device)."""
-  return jax.tree_util.tree_map(lambda x: x[0], tree)
-
-
 def local_copy(tree):
   """[D, ...] replicated tree (also one spanning processes) -> NumPy copy of this process's
-  first device."""
+  first device. Copies that device's buffer (waiting for the step that writes it) and
+  dispatches no computation, so it is safe while later steps are in flight and after the
+  buffer is donated to the next step (indexing x[0] compiled a gather over all devices per
+  leaf, and aborted XLA:CPU under load in CI)."""
   return jax.tree_util.tree_map(
-      lambda x: np.asarray(x.addressable_data(0)).reshape(x.shape[1:]), tree)
+      lambda x: np.array(x.addressable_data(0), copy=True).reshape(x.shape[1:]), tree)
 
 
 def first_device_metrics(metrics) -> dict:

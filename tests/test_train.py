@@ -215,7 +215,7 @@ def test_shard_map_step_equals_pmap_step(setup):
   assert int(ss["step"]) == int(ps["step"][0]) == 2
   np.testing.assert_allclose(float(ms["total_loss"]), float(mp["total_loss"][0]), rtol=1e-5)
   got = jax.tree_util.tree_leaves(jax.device_get(ss["params"]))
-  want = jax.tree_util.tree_leaves(jax.device_get(parallel.unreplicate(ps["params"])))
+  want = jax.tree_util.tree_leaves(parallel.local_copy(ps["params"]))
   start = jax.tree_util.tree_leaves(v["params"])
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(want, start)) > 1e-6
   for a, b in zip(got, want):

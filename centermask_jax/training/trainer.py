@@ -421,7 +421,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
             writer.add_scalar("train/images_per_s", ips, step)
           writer.flush()
       if save:
-        saver.save(step, parallel.unreplicate(rstate), train_iter.get_state(), config,
+        saver.save(step, parallel.local_copy(rstate), train_iter.get_state(), config,
                    meta=meta)
         saved = step
       if evaluate:
@@ -433,7 +433,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
     pull()  # an interrupted run: the guard sees every step before it is saved
     interrupted = stop.requested and step < end
     if interrupted and step > saved and t.get("checkpoint_on_interrupt", True):
-      saver.save(step, parallel.unreplicate(rstate), train_iter.get_state(), config,
+      saver.save(step, parallel.local_copy(rstate), train_iter.get_state(), config,
                  meta=meta)
       saved = step
     mgr.wait_until_finished()
@@ -446,7 +446,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
       bar.close()
     if writer is not None:
       writer.close()
-  host_state = jax.tree_util.tree_map(np.asarray, jax.device_get(parallel.unreplicate(rstate)))
+  host_state = parallel.local_copy(rstate)
   ckpt_dir = ckpt_workdir.checkpoint_dir(workdir)
   if interrupted:
     _say(f"interrupted at step {step}: "
