@@ -66,7 +66,8 @@ def local_copy(tree):
 
 
 def first_device_metrics(metrics) -> dict:
-  """{name: [D] per-device scalars} -> {name: float} of device 0 (metrics are pmean-ed)."""
+  """{name: [D] per-device scalars, on the devices or already on the host} -> {name: float}
+  of device 0 (metrics are pmean-ed)."""
   return {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
 
 

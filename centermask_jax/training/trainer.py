@@ -346,7 +346,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
       for _ in range(window[1]):
         speed.add(per_step)
     for s, m in zip(steps, host):
-      m = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in m.items()}
+      m = parallel.first_device_metrics(m)  # host already: device_get is a no-op
       guard.check(s, m)  # non-finite: raises, or (skip mode) counts the skip
       m["skipped_total"] = float(guard.skipped)
       last = m
