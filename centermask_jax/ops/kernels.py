@@ -15,6 +15,7 @@ measured faster on the backend (`benchmarks/kernels.py`):
 
 Layout NHWC / HWIO as `lax.conv_general_dilated(..., ("NHWC", "HWIO", "NHWC"))`.
 """
+import contextlib
 import functools
 from typing import Optional
 
@@ -29,6 +30,25 @@ DENSE_1X1_GRAD_IMPL = {"cpu": "dot"}
 
 def _backend() -> str:
   return jax.default_backend()
+
+
+@contextlib.contextmanager
+def depthwise_impl(impl: str):
+  """Within the block, depthwise convs traced for the current backend use `impl`
+  ("lax" | "shifted"), e.g. "lax" for an exported graph whose runtime has its own
+  grouped-conv kernel (tools/export_onnx). Trace-time only: compiled functions keep theirs."""
+  if impl not in ("lax", "shifted"):
+    raise ValueError(f"depthwise impl must be 'lax' or 'shifted', got {impl!r}")
+  backend = _backend()
+  had, old = backend in DEPTHWISE_IMPL, DEPTHWISE_IMPL.get(backend)
+  DEPTHWISE_IMPL[backend] = impl
+  try:
+    yield
+  finally:
+    if had:
+      DEPTHWISE_IMPL[backend] = old
+    else:
+      DEPTHWISE_IMPL.pop(backend, None)
 
 
 def lax_conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1):

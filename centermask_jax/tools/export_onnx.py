@@ -8,8 +8,13 @@ values and make the graph convertible and runnable by onnxruntime:
     one-hot sum (jax2onnx has no lowering for that scatter pattern);
   * NHWC max pooling becomes a max of strided slices (onnxruntime rejects the MaxPool
     kernel jax2onnx emits for it);
+  * depthwise convs are traced as XLA's grouped conv (ONNX Conv with group = C), not as
+    the CPU training rewrite's k*k shifted multiply-adds (ops/kernels.py), which
+    onnxruntime would round once per Mul and Add;
   * gathers / selects / scatters of bool arrays run on uint8 (onnxruntime's CPU `Where`
     has no bool kernel).
+After conversion the graph outputs get back the shapes of the JAX outputs where the
+converter's reshape folding changed them (`restore_output_shapes`).
 The result is one self-contained ONNX graph (weights inside; repeated and uniform
 initializers merged afterwards) with the same signature as the StableHLO artefact
 (tools/export.py), NMS and top-k included. Run it with `centermask_jax.serving`.
@@ -25,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
+
+from centermask_jax.ops import kernels
 
 
 @contextlib.contextmanager
@@ -235,6 +242,45 @@ def compact_initializers(path: str, min_elems: int = 1 << 16) -> Tuple[int, int]
   return n_fill, n_dup
 
 
+def restore_output_shapes(path: str, shapes) -> int:
+  """Gives each graph output of `path` its JAX shape back -> number of outputs fixed.
+
+  jax2onnx 0.17.1 folds reshape -> elementwise -> reshape chains even when the elementwise
+  value is also a graph output, which then keeps the inner shape (mask_probs [K, 28, 28]
+  instead of [N, K, 28, 28]: the sigmoid between the mask head's [N*K] rows and the MaskIoU
+  head's). Values are unchanged, so the output becomes a Reshape of the folded value.
+  shapes: one tuple per graph output, in order."""
+  import onnx
+  from onnx import helper, numpy_helper
+  m = onnx.load(path)
+  g = m.graph
+  fixed = 0
+  for out, shape in zip(g.output, shapes):
+    dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
+    if dims == list(shape):
+      continue
+    if int(np.prod(dims)) != int(np.prod(shape)):
+      raise RuntimeError(f"ONNX output {out.name} has shape {dims}, the JAX output {shape}")
+    inner = out.name + "__folded"
+    for node in g.node:
+      node.output[:] = [inner if o == out.name else o for o in node.output]
+      node.input[:] = [inner if i == out.name else i for i in node.input]
+    for info in g.value_info:
+      if info.name == out.name:
+        info.name = inner
+    const = numpy_helper.from_array(np.asarray(shape, np.int64), out.name + "__shape")
+    g.initializer.append(const)
+    g.node.append(helper.make_node("Reshape", [inner, const.name], [out.name],
+                                   name=out.name + "__reshape"))
+    del out.type.tensor_type.shape.dim[:]
+    for d in shape:
+      out.type.tensor_type.shape.dim.add().dim_value = int(d)
+    fixed += 1
+  if fixed:
+    onnx.save(m, path)
+  return fixed
+
+
 def export_onnx(fn, specs, path: str, input_names, output_names, fast: bool = True):
   """Writes fn(*specs) -> tuple of arrays (the inference with the weights closed over;
   `export.inference_fn`) as one self-contained ONNX file -> info dict for the JSON.
@@ -243,7 +289,8 @@ def export_onnx(fn, specs, path: str, input_names, output_names, fast: bool = Tr
   if version != JAX2ONNX_VERSION:
     print(f"warning: jax2onnx {version} installed, this export is tested with "
           f"{JAX2ONNX_VERSION}", file=sys.stderr)
-  closed = jax.make_jaxpr(fn)(*specs)
+  with kernels.depthwise_impl("lax"):  # one ONNX grouped Conv, not k*k Mul + Add nodes
+    closed = jax.make_jaxpr(fn)(*specs)
   flat = jax.make_jaxpr(lambda *a: eval_rewritten(closed, *a))(*specs)
 
   def flat_fn(*args):
@@ -256,7 +303,10 @@ def export_onnx(fn, specs, path: str, input_names, output_names, fast: bool = Tr
                      model_name=os.path.splitext(os.path.basename(path))[0],
                      return_mode="file", output_path=path, export_mode="web", opset=OPSET,
                      input_names=list(input_names), output_names=list(output_names))
+  n_reshaped = restore_output_shapes(
+      path, [tuple(o.shape) for o in jax.tree_util.tree_leaves(jax.eval_shape(fn, *specs))])
   n_fill, n_dup = compact_initializers(path)
   return {"file": os.path.basename(path), "bytes": os.path.getsize(path), "opset": OPSET,
           "jax2onnx_version": version, "runtime": "onnxruntime (CPUExecutionProvider)",
-          "initializers_as_constant_of_shape": n_fill, "duplicate_initializers_merged": n_dup}
+          "initializers_as_constant_of_shape": n_fill, "duplicate_initializers_merged": n_dup,
+          "outputs_reshaped_back": n_reshaped}
