@@ -93,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
   o.momentum = 0.9
   o.weight_decay = 1e-4
   o.weight_decay_norm = 0.0
+  o.clip_grad_norm = 0.0       # > 0: clip the global gradient's L2 norm to it (detectron2's
+                               # CLIP_GRADIENTS full_model/norm); 0 = off, as centermask2
   o.warmup_iters = 1000
   o.warmup_factor = 0.001
   o.gamma = 0.1

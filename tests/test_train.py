@@ -323,6 +323,31 @@ def test_adamw_matches_numpy_with_decay_mask():
     O.make_optimizer(c, params)
 
 
+def test_clip_grad_norm_scales_the_global_gradient():
+  """optim.clip_grad_norm: SGD's first update is -lr * (g * min(1, clip / ||g||) + wd p)
+  with ||g|| the L2 norm over every leaf; off (0) leaves g as is; negative is an error."""
+  c = tiny_config()
+  c.optim.warmup_iters = 0
+  c.optim.weight_decay = 0.0
+  rng = np.random.default_rng(1)
+  params = {"a": {"kernel": rng.normal(size=(3, 4)).astype(np.float32)},
+            "b": {"kernel": rng.normal(size=5).astype(np.float32)}}
+  g = jax.tree_util.tree_map(lambda x: 3.0 * rng.normal(size=x.shape).astype(np.float32),
+                             params)
+  norm = np.sqrt(sum(np.sum(np.square(x.astype(np.float64)))
+                     for x in jax.tree_util.tree_leaves(g)))
+  lr = float(O.lr_schedule(c)(0))
+  for clip, scale in ((0.0, 1.0), (0.5, 0.5 / norm), (float(10 * norm), 1.0)):
+    c.optim.clip_grad_norm = clip
+    tx = O.make_optimizer(c, params)
+    upd, _ = tx.update(g, tx.init(params), params)
+    for k in ("a", "b"):
+      np.testing.assert_allclose(upd[k]["kernel"], -lr * scale * g[k]["kernel"], rtol=1e-5)
+  c.optim.clip_grad_norm = -1.0
+  with pytest.raises(ValueError, match="clip_grad_norm"):
+    O.make_optimizer(c, params)
+
+
 def test_bf16_compute_keeps_fp32_master_params(setup):
   """train.bf16: bf16 forward/backward, float32 params and optimiser state; the loss is
   close to the float32 loss on the same batch and the update moves the params."""

@@ -109,6 +109,11 @@ def make_optimizer(config, params) -> optax.GradientTransformation:
     raise ValueError("optim.weight_decay_norm is not supported with optim.optimizer='adamw' "
                      "(it would be coupled L2 on norm parameters next to AdamW's decoupled decay)")
   parts = []
+  clip = float(o.get("clip_grad_norm", 0.0))
+  if clip < 0:
+    raise ValueError(f"optim.clip_grad_norm={clip}: expected >= 0 (0 = no clipping)")
+  if clip:  # the (all-reduced) gradient before decay / momentum, as detectron2 clips it
+    parts.append(optax.clip_by_global_norm(clip))
   if name == "sgd":
     parts.append(optax.add_decayed_weights(float(o.weight_decay), mask=dmask))
   if float(o.weight_decay_norm):
