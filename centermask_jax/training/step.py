@@ -156,11 +156,14 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
       return out
     return fn
 
-  # Slots bucketed by this device's largest real foreground count (exact: the rows past
-  # it are padding either way); the collectives of the normalisers stay outside.
-  n_fg = jnp.max(jnp.sum(rois["fg"], axis=1))
-  branch = sum((n_fg > b).astype(jnp.int32) for b in buckets[:-1])
-  part = jax.lax.switch(branch, [roi_branch(k) for k in buckets], (variables, fpn, rois))
+  if len(buckets) == 1:  # the default: every slot, no switch
+    part = roi_branch(slots)((variables, fpn, rois))
+  else:
+    # Slots bucketed by this device's largest real foreground count (exact: the rows past
+    # it are padding either way); the collectives of the normalisers stay outside.
+    n_fg = jnp.max(jnp.sum(rois["fg"], axis=1))
+    branch = sum((n_fg > b).astype(jnp.int32) for b in buckets[:-1])
+    part = jax.lax.switch(branch, [roi_branch(k) for k in buckets], (variables, fpn, rois))
   mask_axis = mask_loss_axis(config, axis_name)
   loss_mask = L.normalised(part["mask"], mask_axis)
   loss_maskiou = m.maskiou_head.loss_weight * L.normalised(part["maskiou"], mask_axis)
