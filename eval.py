@@ -6,10 +6,11 @@
 
 PATH: a model checkpoint directory (tools/import_weights), a train.py workdir (latest
 checkpoint) or an official centermask2 .pth/.pkl (imported on the fly). Inference runs on
-all local devices; writes DIR/bbox_results.json, DIR/segm_results.json, DIR/metrics.json and
-prints the COCO tables. --data_dir / --dataset default to config.data.data_dir / .name.
-The checkpoint's classes (stored with it) must be the dataset's: a mismatch is refused
-with one line unless --class_map=by_name (evaluate the classes whose names match).
+all local devices (on CPU one host device per core: `centermask_jax.host_devices`); writes
+DIR/bbox_results.json, DIR/segm_results.json, DIR/metrics.json and prints the COCO tables.
+--data_dir / --dataset default to config.data.data_dir / .name. The checkpoint's classes
+(stored with it) must be the dataset's: a mismatch is refused with one line unless
+--class_map=by_name (evaluate the classes whose names match).
 """
 import argparse
 import os
@@ -57,6 +58,8 @@ def main(argv=None):
   args, cfg = parse_command_line(p, argv)
   from centermask_jax import runlog
   runlog.quiet_startup()  # before TensorFlow / JAX are imported
+  from centermask_jax import host_devices
+  host_devices.configure()  # CPU: one host device per core (before JAX is imported)
   import jax
 
   from centermask_jax import compilation_cache

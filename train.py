@@ -6,7 +6,9 @@ environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_
 --workdir resumes from its latest checkpoint; Ctrl-C stops after the current step with a
 checkpoint of it (exit status 130). WORKDIR gets log.txt, metrics.jsonl, config.json, tb/.
 --print_config prints the resolved config (every key as `key.path = value`, after the
-overrides) and exits.
+overrides) and exits. On CPU the step runs on one host device per core (data parallel;
+`centermask_jax.host_devices`, CENTERMASK_JAX_HOST_DEVICES=1 turns it off), as many as
+divide train.global_batch.
 """
 import argparse
 import os
@@ -38,8 +40,11 @@ def main(argv=None):
     print("error: --workdir is required (output directory)", file=sys.stderr)
     return 2
   runlog.quiet_startup()  # before TensorFlow / JAX are imported
+  multi = bool(args.coordinator_address or args.num_processes > 1)
+  from centermask_jax import host_devices
+  host_devices.configure(auto=not multi)  # CPU: one host device per core (before JAX)
   import jax
-  if args.coordinator_address or args.num_processes > 1:
+  if multi:
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts only
     jax.distributed.initialize(coordinator_address=args.coordinator_address,

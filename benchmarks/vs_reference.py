@@ -1,7 +1,8 @@
 """Our model on exactly the work of centermask2's CPU reference timings, side by side.
 
   python benchmarks/vs_reference.py [--models v19dw mv2 v39] [--modes infer_b1_img0 ...]
-      [--warmup 2] [--iters N] [--train-iters N] [--no-calibrate] [--json OUT]
+      [--warmup 2] [--iters N] [--train-iters N] [--train-devices N] [--no-calibrate]
+      [--json OUT]
       [--config.key=value ...]
 
 The reference (`../shared/perf/reference_timings_cpu.md`, "the reference" below) timed
@@ -18,9 +19,12 @@ random weights that give 50 detections per image. This script does the same work
   1120x1088), the jitted `predict` (normalisation on the device, backbone, FPN, FCOS + NMS, RoIAlign, mask and MaskIoU heads), then
   `detector_postprocess` and the mask paste at the original resolution per image, results
   pulled to host numpy;
-* `train_b2`: the real pmapped training step (`training.step`, the config's SGD) on one
-  device with both images (864x800 / 1120x1088) and their real COCO GT (5 and 17
-  instances; the fixture's derived class-7 box is dropped). For V-39 the GT polygons and
+* `train_b2`: the real pmapped training step (`training.step`, the config's SGD) with
+  both images on one padded canvas (864x800 / 1120x1088) and their real COCO GT (5 and 17
+  instances; the fixture's derived class-7 box is dropped), split over `--train-devices`
+  host devices (default: train.py's choice, `host_devices.configure()`: one per core,
+  fitted to the batch; 2 devices = 1 image each), `train.mask_loss_norm = "global"` so that
+  the loss is the one-process batch-of-2 loss of the reference on any device count. For V-39 the GT polygons and
   boxes are the Lite ones scaled by the ratio of the two resizes (float32). The state is
   restored before every timed step (untimed), like the reference's weight/optimiser reset.
 
@@ -138,7 +142,7 @@ def load_gt(shared, lite_hw, hws):
   return gt
 
 
-def run_child(key, mode, warmup, iters, shared, cache, config_argv):
+def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_devices=1):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -192,15 +196,23 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv):
     lite_hw = [tuple(int(v) for v in s) for s in np.load(os.path.join(
         shared, "fixtures", IMAGES_FIXTURE, "inputs.npz"))["image_sizes"]]
     gt = load_gt(shared, lite_hw, hws)
-    x = np.zeros((1, 2, *padded, 3), np.uint8)  # as the data pipeline sends it
+    x = np.zeros((2, *padded, 3), np.uint8)  # as the data pipeline sends it
     for i in range(2):
       h, w = hws[i]
-      x[0, i, :h, :w] = imgs[i][0]
-    batch = {k: gt[k][None] for k in ("gt_boxes", "gt_classes", "gt_valid", "gt_polys",
-                                      "gt_poly_len")}
-    batch.update(image=x, image_hw=image_hw[None], padded_hw=padded_hw[None])
+      x[i, :h, :w] = imgs[i][0]
+    batch = {k: gt[k] for k in ("gt_boxes", "gt_classes", "gt_valid", "gt_polys",
+                                "gt_poly_len")}
+    batch.update(image=x, image_hw=image_hw, padded_hw=padded_hw)
     info["gt"] = [int(v) for v in gt["gt_valid"].sum(1)]
-    devices = jax.local_devices()[:1]
+    # Means over the whole batch, as the reference's one process (identical on 1 device;
+    # on 2 the default per-device mask-loss means would be 2-GPU DDP's numbers instead).
+    cfg.train.mask_loss_norm = "global"
+    devices = jax.local_devices()[:train_devices]
+    if len(devices) != train_devices or 2 % train_devices:
+      raise SystemExit(f"error: --train-devices {train_devices}: batch 2 over "
+                       f"{len(jax.local_devices())} local device(s)")
+    batch = parallel.shard_batch(batch, train_devices)  # [D, 2 / D, ...], same canvas
+    info["devices"] = train_devices
     tx = opt_lib.make_optimizer(cfg, variables["params"])
     host_state = step_lib.init_state(variables["params"], variables["frozen_bn"], tx)
     host_state = jax.device_get(host_state)
@@ -240,7 +252,7 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv):
   if mode.startswith("infer"):
     info["dets"] = [int(len(r["scores"])) for r in res]
   else:
-    info["loss"] = round(float(res["total_loss"][0]), 4)
+    info["loss"] = float(res["total_loss"][0])
     info["num_fg"] = float(res["num_fg"][0])
   hwm_run = _hwm_gib()
   return dict(model=key, label=label, mode=mode, padded=f"{padded[0]}x{padded[1]}",
@@ -271,6 +283,9 @@ def main(argv=None):
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--iters", type=int, default=10, help="timed inference calls")
   ap.add_argument("--train-iters", type=int, default=7, help="timed training steps")
+  ap.add_argument("--train-devices", type=int, default=None,
+                  help="train_b2 on N host devices, batch 2 split over them (1 or 2; "
+                       "default: host_devices.configure()'s choice, as train.py)")
   ap.add_argument("--no-calibrate", action="store_true",
                   help="compare with the unscaled reference (scale 1)")
   ap.add_argument("--shared", default=os.path.join(os.path.dirname(REPO), "shared"))
@@ -284,9 +299,15 @@ def main(argv=None):
     config_or_exit(os.path.join(REPO, "configs", MODELS[key][0] + ".py"), extra)
   if args._child:
     key, mode = args._child
+    from centermask_jax import host_devices  # before JAX starts, as the entry points
+    if mode == "train_b2":
+      args.train_devices = host_devices.device_count_for_batch(
+          2, host_devices.configure(args.train_devices))
+    else:
+      host_devices.configure()
     iters = args.iters if mode.startswith("infer") else args.train_iters
     print(json.dumps(run_child(key, mode, args.warmup, iters, args.shared, args.cache,
-                               extra)))
+                               extra, args.train_devices)))
     return
 
   cal = [] if args.no_calibrate else [calibrate(args.shared)]
@@ -301,6 +322,8 @@ def main(argv=None):
       cmd = [sys.executable, os.path.abspath(__file__), "--_child", key, mode,
              "--warmup", str(args.warmup), "--iters", str(args.iters), "--train-iters",
              str(args.train_iters), "--shared", args.shared, "--cache", args.cache, *extra]
+      if args.train_devices:
+        cmd += ["--train-devices", str(args.train_devices)]
       out = subprocess.run(cmd, capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=REPO + os.pathsep +
                                     os.environ.get("PYTHONPATH", "")))
@@ -311,7 +334,8 @@ def main(argv=None):
       rows.append(r)
       ref_med, ref_min, ref_gib, _ = REFERENCE[(key, mode)]
       notes = (f"dets {r['dets']}" if "dets" in r else
-               f"GT {r['gt']} fg {r['num_fg']:.0f} loss {r['loss']}")
+               f"GT {r['gt']} fg {r['num_fg']:.0f} loss {r['loss']} "
+               f"devices {r['devices']}")
       print(f"{r['label']:18s} {mode:14s} {r['padded']:>9s} {r['compile_s']:9.1f} "
             f"{r['median_s']:8.3f} {r['min_s']:7.3f} {r['peak_gib']:7.2f} {r['run_gib']:6.2f} | "
             f"{ref_med * scale0:7.3f} {ref_min * scale0:7.3f} {ref_gib:6.2f} "

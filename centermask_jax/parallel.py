@@ -28,6 +28,29 @@ def pmap_devices(devices: Optional[Sequence] = None):
   return None
 
 
+def train_devices(global_batch: int, devices: Optional[Sequence] = None):
+  """-> (local devices the training step runs on, a note for the devices banner).
+
+  Given `devices`, those (every process's count must divide the global batch). Default: in
+  one process the largest number of local devices that divides `global_batch` (e.g. 3 of 4
+  for a batch of 6, noted); across processes every local device (pmap spans them all).
+  Raises ValueError (before any data or compile) when the batch does not split evenly."""
+  from centermask_jax import host_devices
+  pc, note = jax.process_count(), ""
+  local = list(jax.local_devices())
+  if devices is None and pc == 1:
+    d = max(1, host_devices.device_count_for_batch(global_batch, len(local)))
+    if d < len(local):
+      note = (f" (using {d} of {len(local)} local devices: the most that divide "
+              f"train.global_batch={global_batch})")
+    devices = local[:d]
+  devices = list(devices or local)
+  if global_batch < 1 or global_batch % (len(devices) * pc):
+    raise ValueError(f"train.global_batch={global_batch} is not divisible by "
+                     f"{len(devices) * pc} devices ({pc} processes x {len(devices)} local)")
+  return devices, note
+
+
 def make_pmap_step(step_fn: Callable, devices: Optional[Sequence] = None,
                    donate_state: bool = True):
   """step_fn(state, batch, rng) per device (collectives over AXIS) ->

@@ -172,7 +172,7 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
 
   train_iter: optional iterator of [D, B, ...] batches with get_state()/set_state()
   (default: the config's dataset through `data.pipeline`). devices: the local devices to
-  use (default: all). classes: the `checkpoints.classes.ClassInfo` stored with every
+  use (default: all, or in one process the largest count that divides the global batch). classes: the `checkpoints.classes.ClassInfo` stored with every
   checkpoint (default: the dataset's; with a given train_iter, the count only).
   Returns {"step", "state" (host, unreplicated; None when the workdir was already at the
   last step), "metrics" (last step, floats), "loss_history" (total loss per step of this
@@ -228,16 +228,17 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
   lead = jax.process_index() == 0
 
   banner("devices")
-  devices = list(devices or jax.local_devices())
-  d = len(devices)
   pc = jax.process_count()
   global_batch = int(t.global_batch)
-  if global_batch % (d * pc):
-    raise ValueError(f"train.global_batch={global_batch} is not divisible by "
-                     f"{d * pc} devices ({pc} processes x {d} local)")
+  devices, note = parallel.train_devices(global_batch, devices)
+  d = len(devices)
   b = global_batch // (d * pc)
   _say(f"process {jax.process_index()}/{pc}, {d} local devices ({devices[0].platform}), "
-       f"{jax.device_count()} total; per-device batch {b}, global batch {global_batch}")
+       f"{jax.device_count()} total; per-device batch {b}, global batch {global_batch}"
+       + note)
+  if d > 1 and devices[0].platform == "cpu" and not step_lib.mask_loss_axis(config, "x"):
+    _say(f"mask losses: means over each device's {b} image(s) (train.mask_loss_norm="
+         "per_device, as DDP); 'global' gives the one-device numbers")
 
   banner("input")
   canvases = None
