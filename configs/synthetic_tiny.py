@@ -6,9 +6,9 @@ no download, then evaluates the val split (COCO tables):
   python train.py --config configs/synthetic_tiny.py --workdir ./workdir/synthetic_tiny
 Rerun the second command to resume. Differences from the official Lite recipe, all for
 short from-scratch training on small images: trainable GroupNorm in the backbone instead
-of FrozenBN (there are no ImageNet statistics to freeze), AdamW instead of SGD, unit-scale
-pixel normalisation, 128-px images on a 128x192 canvas, narrower FPN / heads (64), 300
-pre-NMS candidates per level (training and test).
+of FrozenBN (there are no ImageNet statistics to freeze), AdamW instead of SGD, gradient
+clipping (global norm 1), unit-scale pixel normalisation, 128-px images on a 128x192 canvas,
+narrower FPN / heads (64), 300 pre-NMS candidates per level (training and test).
 """
 from centermask_jax import config as base
 
@@ -39,6 +39,7 @@ def get_config():
   c.data.max_polygon_vertices = 64
   c.optim.optimizer = "adamw"
   c.optim.base_lr = 0.008      # at ims_per_batch=16 -> 2e-3 at global batch 4
+  c.optim.clip_grad_norm = 1.0  # without it 1 of 3 seeds diverged early (mask AP 21.6)
   c.optim.warmup_iters = 100
   c.optim.steps = (800, 930)
   c.optim.max_iter = 1000
