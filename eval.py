@@ -6,7 +6,7 @@
 
 PATH: a model checkpoint directory (tools/import_weights), a train.py workdir (latest
 checkpoint) or an official centermask2 .pth/.pkl (imported on the fly). Inference runs on
-all local devices (on CPU one host device per core: `centermask_jax.host_devices`); writes
+all local devices (CENTERMASK_JAX_HOST_DEVICES=auto: one per CPU core, `host_devices`); writes
 DIR/bbox_results.json, DIR/segm_results.json, DIR/metrics.json and prints the COCO tables.
 --data_dir / --dataset default to config.data.data_dir / .name. The checkpoint's classes
 (stored with it) must be the dataset's: a mismatch is refused with one line unless
@@ -59,7 +59,7 @@ def main(argv=None):
   from centermask_jax import runlog
   runlog.quiet_startup()  # before TensorFlow / JAX are imported
   from centermask_jax import host_devices
-  host_devices.configure()  # CPU: one host device per core (before JAX is imported)
+  host_devices.configure(auto=host_devices.ENTRY_POINT_AUTO)  # before JAX is imported
   import jax
 
   from centermask_jax import compilation_cache

@@ -6,9 +6,9 @@ environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_
 --workdir resumes from its latest checkpoint; Ctrl-C stops after the current step with a
 checkpoint of it (exit status 130). WORKDIR gets log.txt, metrics.jsonl, config.json, tb/.
 --print_config prints the resolved config (every key as `key.path = value`, after the
-overrides) and exits. On CPU the step runs on one host device per core (data parallel;
-`centermask_jax.host_devices`, CENTERMASK_JAX_HOST_DEVICES=1 turns it off), as many as
-divide train.global_batch.
+overrides) and exits. CENTERMASK_JAX_HOST_DEVICES=auto (or N) splits a CPU host into one
+XLA device per core (or N; `centermask_jax.host_devices`); the step runs data-parallel on
+as many local devices as divide train.global_batch.
 """
 import argparse
 import os
@@ -42,7 +42,7 @@ def main(argv=None):
   runlog.quiet_startup()  # before TensorFlow / JAX are imported
   multi = bool(args.coordinator_address or args.num_processes > 1)
   from centermask_jax import host_devices
-  host_devices.configure(auto=not multi)  # CPU: one host device per core (before JAX)
+  host_devices.configure(auto=host_devices.ENTRY_POINT_AUTO and not multi)  # before JAX
   import jax
   if multi:
     if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:

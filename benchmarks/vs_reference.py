@@ -22,10 +22,10 @@ random weights that give 50 detections per image. This script does the same work
 * `train_b2`: the real pmapped training step (`training.step`, the config's SGD) with
   both images on one padded canvas (864x800 / 1120x1088) and their real COCO GT (5 and 17
   instances; the fixture's derived class-7 box is dropped), split over `--train-devices`
-  host devices (default: train.py's choice, `host_devices.configure()`: one per core,
-  fitted to the batch; 2 devices = 1 image each), `train.mask_loss_norm = "global"` so that
-  the loss is the one-process batch-of-2 loss of the reference on any device count. For V-39 the GT polygons and
-  boxes are the Lite ones scaled by the ratio of the two resizes (float32). The state is
+  host devices (default: train.py's choice, `host_devices.configure()`, fitted to the
+  batch; 2 devices = 1 image each), `train.mask_loss_norm = "global"` so that the loss is
+  the reference's one-process batch-of-2 loss on any device count. For V-39 the GT polygons
+  and boxes are the Lite ones scaled by the ratio of the two resizes (float32). The state is
   restored before every timed step (untimed), like the reference's weight/optimiser reset.
 
 Each (model, mode) runs in its own subprocess: `--warmup` untimed calls, then `--iters`
@@ -36,7 +36,9 @@ compilation included) and over the timed calls only, the reference row scaled to
 machine by `../shared/perf/calibrate.py` (run before and after, in this process tree; the
 mean scale is used), and `x` = scaled reference median / our median (> 1: we are faster).
 `cpu_s` is the median process CPU time per call (all threads): on a loaded machine it moves
-less than wall time (the reference used ~1.9 of its 2 cores while measuring). The machine
+less than wall time (the reference used ~1.9 of its 2 cores while measuring); `thr_s` the
+median CPU time of the busiest thread (a lower bound on the wall time that the load moves
+little: ~cpu_s when one thread does the work, ~cpu_s / 2 when two devices share it). The machine
 may be shared: read the 1-min load average printed with each row.
 """
 import argparse
@@ -87,6 +89,23 @@ def _hwm_gib():
       if line.startswith("VmHWM:"):
         return int(line.split()[1]) / 2**20
   return float("nan")
+
+
+def _thread_cpu():
+  """{thread id: user + system CPU s} of this process's threads (Linux /proc; {} elsewhere)."""
+  out, tick = {}, os.sysconf("SC_CLK_TCK")
+  try:
+    tids = os.listdir("/proc/self/task")
+  except OSError:
+    return out
+  for tid in tids:
+    try:
+      with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+      out[tid] = (int(fields[11]) + int(fields[12])) / tick
+    except (OSError, IndexError, ValueError):
+      pass
+  return out
 
 
 def weights_path(key, shared, cache):
@@ -231,12 +250,18 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
       return jax.block_until_ready(m)
     _reset_hwm()
 
+  threads = []  # per call: CPU s of the busiest thread
+
   def timed():
     if not mode.startswith("infer"):
       state[0] = fresh()  # restore weights + optimiser state (untimed)
+    t0 = _thread_cpu()
     t, c = time.perf_counter(), time.process_time()
     r = call()
-    return time.perf_counter() - t, time.process_time() - c, r
+    t, c = time.perf_counter() - t, time.process_time() - c
+    t1 = _thread_cpu()
+    threads.append(max([t1[k] - t0.get(k, 0.0) for k in t1] or [float("nan")]))
+    return t, c, r
 
   first, _, res = timed()
   for _ in range(max(0, warmup - 1)):
@@ -244,6 +269,7 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
   hwm_warm = _hwm_gib()
   _reset_hwm()
   times, cpus = [], []
+  del threads[:]
   for _ in range(iters):
     t, c, res = timed()
     times.append(t)
@@ -259,6 +285,7 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
               backend=jax.default_backend(), compile_s=round(first - med, 2),
               median_s=round(med, 4), min_s=round(min(times), 4), n=len(times),
               times=[round(t, 4) for t in times], cpu_s=round(statistics.median(cpus), 4),
+              thread_cpu_s=round(statistics.median(threads), 4),
               peak_gib=round(max(hwm_warm, hwm_run), 3), run_gib=round(hwm_run, 3),
               loadavg=[round(v, 2) for v in os.getloadavg()], **info)
 
@@ -300,11 +327,9 @@ def main(argv=None):
   if args._child:
     key, mode = args._child
     from centermask_jax import host_devices  # before JAX starts, as the entry points
-    if mode == "train_b2":
-      args.train_devices = host_devices.device_count_for_batch(
-          2, host_devices.configure(args.train_devices))
-    else:
-      host_devices.configure()
+    n = host_devices.configure(args.train_devices if mode == "train_b2" else None,
+                               auto=host_devices.ENTRY_POINT_AUTO)
+    args.train_devices = host_devices.device_count_for_batch(2, n)
     iters = args.iters if mode.startswith("infer") else args.train_iters
     print(json.dumps(run_child(key, mode, args.warmup, iters, args.shared, args.cache,
                                extra, args.train_devices)))
@@ -313,7 +338,7 @@ def main(argv=None):
   cal = [] if args.no_calibrate else [calibrate(args.shared)]
   hdr = (f"{'model':18s} {'mode':14s} {'padded':>9s} {'compile_s':>9s} {'median_s':>8s} "
          f"{'min_s':>7s} {'peakGiB':>7s} {'runGiB':>6s} | {'ref_med':>7s} {'ref_min':>7s} "
-         f"{'refGiB':>6s} {'x_med':>5s} {'x_min':>5s} {'cpu_s':>6s}  load  notes")
+         f"{'refGiB':>6s} {'x_med':>5s} {'x_min':>5s} {'cpu_s':>6s} {'thr_s':>5s}  load  notes")
   print(hdr, flush=True)
   scale0 = cal[0]["scale"] if cal and cal[0] else 1.0
   rows = []
@@ -340,7 +365,8 @@ def main(argv=None):
             f"{r['median_s']:8.3f} {r['min_s']:7.3f} {r['peak_gib']:7.2f} {r['run_gib']:6.2f} | "
             f"{ref_med * scale0:7.3f} {ref_min * scale0:7.3f} {ref_gib:6.2f} "
             f"{ref_med * scale0 / r['median_s']:5.2f} {ref_min * scale0 / r['min_s']:5.2f} "
-            f"{r['cpu_s']:6.2f}  {r['loadavg'][0]:.1f}  {notes}", flush=True)
+            f"{r['cpu_s']:6.2f} {r['thread_cpu_s']:5.2f}  {r['loadavg'][0]:.1f}  {notes}",
+            flush=True)
   if not args.no_calibrate:
     cal.append(calibrate(args.shared))
   scales = [c["scale"] for c in cal if c]

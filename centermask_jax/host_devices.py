@@ -8,7 +8,8 @@ cores busy (data parallelism inside one process, same losses as one device: the 
 normalises across devices).
 
 `configure()` is called first thing by the entry points (train.py, eval.py, benchmark
-children), before JAX's CPU backend starts (the flag is read then). Precedence:
+children; with auto=ENTRY_POINT_AUTO), before JAX's CPU backend starts (the flag is read
+then). Precedence:
 1. a `count` argument (a benchmark's explicit choice) replaces any flag in XLA_FLAGS;
 2. the flag already in XLA_FLAGS (the user's) is kept;
 3. CENTERMASK_JAX_HOST_DEVICES: an integer >= 1 (1 = off: one host device) or `auto`;
@@ -26,6 +27,10 @@ from centermask_jax.errors import UserError
 
 FLAG = "--xla_force_host_platform_device_count"
 ENV = "CENTERMASK_JAX_HOST_DEVICES"
+# Whether the entry points apply rule 4 by default. Off: on the shared 2-core CPU the 2-device
+# train step (Lite, batch 2 = 1 + 1) was not a clear win under load 5-9 (README, Benchmarks);
+# CENTERMASK_JAX_HOST_DEVICES=auto (or N) opts in. Flip after a quiet-machine measurement.
+ENTRY_POINT_AUTO = False
 _FLAG_RE = re.compile(re.escape(FLAG) + r"=(\S*)")
 
 

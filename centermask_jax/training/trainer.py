@@ -172,8 +172,9 @@ def train_and_evaluate(config, workdir: str, train_iter: Optional[Iterator] = No
 
   train_iter: optional iterator of [D, B, ...] batches with get_state()/set_state()
   (default: the config's dataset through `data.pipeline`). devices: the local devices to
-  use (default: all, or in one process the largest count that divides the global batch). classes: the `checkpoints.classes.ClassInfo` stored with every
-  checkpoint (default: the dataset's; with a given train_iter, the count only).
+  use (default: `parallel.train_devices`: all, or in one process the most that divide the
+  global batch). classes: the `checkpoints.classes.ClassInfo` stored with every checkpoint
+  (default: the dataset's; with a given train_iter, the count only).
   Returns {"step", "state" (host, unreplicated; None when the workdir was already at the
   last step), "metrics" (last step, floats), "loss_history" (total loss per step of this
   run), "eval" ({step: COCO metrics}), "interrupted" (stopped by SIGINT)}.
