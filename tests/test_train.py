@@ -85,12 +85,49 @@ class FakeIterator:
     self.step = int(s["step"])
 
 
+def _step_key(config) -> str:
+  """The config without the trainer-loop keys the update step never reads."""
+  c = config.copy_and_resolve_references()
+  for k in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every"):
+    c.train[k] = 0
+  return c.to_json_best_effort(sort_keys=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_update_step_per_config():
+  """`step.make_train_step` made once per (config, devices, mode) in this module: the
+  trainer runs (resume, NaN stop) and the tests stepping by hand then share one compiled
+  update step instead of compiling the same step once each (~50 s of CPU each). The pmap
+  call path and the trainer's ahead-of-time `lower().compile()` are cached apart, so the
+  first direct call in test_step_does_not_recompile still compiles."""
+  made = {}
+  real = S.make_train_step
+
+  def shared(model, config, tx, lr_fn, devices=None, mode="pmap"):
+    key = (_step_key(config), tuple(devices or jax.local_devices()), mode)
+    if key not in made:
+      made[key] = real(model, config, tx, lr_fn, devices=devices, mode=mode)
+    return made[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(S, "make_train_step", shared)
+    yield
+
+
 @pytest.fixture(scope="module")
 def setup():
   c = tiny_config()
   model = CenterMask(c)
   v = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(0), (128, 128)))
   return c, model, v
+
+
+@pytest.fixture(scope="module")
+def loss_one_device(setup):
+  """jit of the float32 loss without a device axis (config of `setup`), one compile per
+  batch shape shared by the tests below: (params, frozen_bn, batch, rng) -> (total, aux)."""
+  c, model, _ = setup
+  return jax.jit(functools.partial(S.loss_fn, model=model, config=c, axis_name=None))
 
 
 def _loss_and_grads(c, model, v, batch, devices):
@@ -125,7 +162,7 @@ def test_four_devices_match_one(setup):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale)
 
 
-def test_default_mask_losses_are_per_device_means(setup):
+def test_default_mask_losses_are_per_device_means(setup, loss_one_device):
   """Default (centermask2 under DDP): each device's loss_mask / loss_maskiou is the mean
   over its own foreground RoIs, i.e. what the 1-device loss gives on its sub-batch, and
   the devices hold unequal foreground counts here."""
@@ -138,10 +175,10 @@ def test_default_mask_losses_are_per_device_means(setup):
   _, aux4 = jax.pmap(lambda p, fb, bt: fn(p, fb, bt, rng, axis_name="batch"),
                      axis_name="batch")(parallel.replicate(v["params"]),
                                         parallel.replicate(v["frozen_bn"]), split(batch, 4))
-  one = jax.jit(lambda p, fb, bt: fn(p, fb, bt, rng, axis_name=None))
   num_fg = []
   for d in range(4):
-    _, aux1 = one(v["params"], v["frozen_bn"], {k: x[d:d + 1] for k, x in batch.items()})
+    _, aux1 = loss_one_device(v["params"], v["frozen_bn"],
+                              {k: x[d:d + 1] for k, x in batch.items()}, rng)
     num_fg.append(float(aux1["num_fg"]))
     assert float(aux4["num_fg"][d]) == num_fg[-1]
     for k in ("loss_mask", "loss_maskiou"):
@@ -348,15 +385,14 @@ def test_clip_grad_norm_scales_the_global_gradient():
     O.make_optimizer(c, params)
 
 
-def test_bf16_compute_keeps_fp32_master_params(setup):
+def test_bf16_compute_keeps_fp32_master_params(setup, loss_one_device):
   """train.bf16: bf16 forward/backward, float32 params and optimiser state; the loss is
   close to the float32 loss on the same batch and the update moves the params."""
   c, model, v = setup
   c16 = tiny_config()
   c16.train.bf16 = True
   batch = jax.tree_util.tree_map(lambda x: x[:1], make_batch(1, 7))
-  fn32 = jax.jit(functools.partial(S.loss_fn, model=model, config=c, axis_name=None))
-  _, aux32 = fn32(v["params"], v["frozen_bn"], batch, jax.random.PRNGKey(0))
+  _, aux32 = loss_one_device(v["params"], v["frozen_bn"], batch, jax.random.PRNGKey(0))
   tx = O.make_optimizer(c16, v["params"])
   p_step = S.make_train_step(model, c16, tx, O.lr_schedule(c16), devices=jax.local_devices()[:1])
   state = parallel.replicate(S.init_state(v["params"], v["frozen_bn"], tx),
