@@ -44,6 +44,9 @@ def main():
     c.data.name, c.data.data_dir = "four", data_dir
     c.optim.max_iter = 2
     c.train.eval_every = 0
+    # small test images (as tests/test_overfit.py), not the Lite 600 px test size
+    c.input.min_size_test, c.input.max_size_test = 128, 192
+    c.input.canvas_test = ((128, 192), (192, 128))
   res = trainer.train_and_evaluate(c, workdir, Shard(1, 1), num_steps=2,
                                    async_checkpoints=False, quiet=True)
   flat = traverse_util.flatten_dict(res["state"]["params"], sep="/")
