@@ -243,9 +243,8 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
     exe = []
 
     def call():
-      if not exe:  # compiled ahead of the first run, heap released, as the trainer does
-        exe.append(p_step.lower(state[0], batch, key_).compile())
-        parallel.release_host_memory()
+      if not exe:  # compiled ahead of the first run, as the trainer does
+        exe.append(parallel.compile_ahead(p_step, state[0], batch, key_))
       st, m = exe[0](state[0], batch, key_)
       return jax.block_until_ready(m)
     _reset_hwm()

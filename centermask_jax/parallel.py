@@ -147,6 +147,15 @@ def release_host_memory() -> bool:
     return False
 
 
+def compile_ahead(fn, *args):
+  """fn.lower(*args).compile(), then `release_host_memory()`: a step compiled before its
+  first run, so the heap the compiler frees goes back to the OS before the step allocates
+  its own buffers (peak RSS = max(compile, step), not their sum). -> the executable."""
+  executable = fn.lower(*args).compile()
+  release_host_memory()
+  return executable
+
+
 def batch_sharding(devices):
   """The sharding pmap gives a [D, ...] array over the local `devices` (its input layout)."""
   probe = jax.pmap(lambda x: x, axis_name=AXIS, devices=devices)(

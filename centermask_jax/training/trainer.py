@@ -371,10 +371,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
              f"({len(compiled)}{of})...")
       t0 = time.perf_counter()
       if compiling and jax.process_count() == 1 and hasattr(p_step, "lower"):
-        # Compiled ahead of its first run, so the heap the compiler frees goes back to the
-        # OS before the step's own buffers are allocated (peak RSS = max, not sum).
-        executables[canvas] = p_step.lower(rstate, batch, step_rng).compile()
-        parallel.release_host_memory()
+        executables[canvas] = parallel.compile_ahead(p_step, rstate, batch, step_rng)
       rstate, metrics = executables.get(canvas, p_step)(rstate, batch, step_rng)
       del batch
       step += 1
