@@ -67,6 +67,59 @@ def compiles():
   return Compiles
 
 
+# Seconds per test file in the README's test command on the CI machine (e7d0bde, 2 xdist
+# workers; rounded, from --durations), longest first. Files not listed take well under a
+# minute. Only the order in which files are handed to the workers depends on it.
+FILE_SECONDS = {
+    "test_train.py": 490, "test_model.py": 300, "test_distributed.py": 270,
+    "test_parity.py": 220, "test_overfit.py": 205, "test_eval_cli.py": 200,
+    "test_export.py": 120, "test_dcn_models.py": 110, "test_nonfinite.py": 95,
+    "test_predictor.py": 90, "test_predictor_batch.py": 75, "test_run_ux.py": 70,
+    "test_freeze.py": 40, "test_demo_video.py": 40,
+}
+
+
+def pytest_configure(config):
+  """`-n 2 --dist loadfile`: hand the files out in FILE_SECONDS order (longest first, then
+  collection order) instead of pytest-xdist's default (most tests first), which left the
+  two longest files, with one test each, for the end, often queued on one worker."""
+  if getattr(config.option, "dist", "no") == "loadfile" and hasattr(config.option,
+                                                                     "loadscopereorder"):
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+  order = {}
+  for it in items:
+    order.setdefault(it.path.name, len(order))
+  items.sort(key=lambda it: (-FILE_SECONDS.get(it.path.name, 0), order[it.path.name]))
+
+
+def _rss_kib() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """With CENTERMASK_TEST_RSS_LOG=DIR: one line per test to DIR/rss.<pid>.tsv (nodeid, wall s,
+  process CPU s, RSS after, peak RSS so far, peak RSS of finished subprocesses; KiB), to
+  find which tests set the suite's time and memory peaks. Off by default."""
+  log_dir = os.environ.get("CENTERMASK_TEST_RSS_LOG")
+  if not log_dir:
+    yield
+    return
+  import resource
+  import time
+  t0, c0 = time.perf_counter(), time.process_time()
+  yield
+  me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  with open(os.path.join(log_dir, f"rss.{os.getpid()}.tsv"), "a") as f:
+    f.write(f"{item.nodeid}\t{time.perf_counter() - t0:.1f}\t{time.process_time() - c0:.1f}"
+            f"\t{_rss_kib()}\t{me}\t{kids}\n")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
   """After each test module: drop jax's compiled executables and traces (kept for the
