@@ -57,7 +57,9 @@ def main():
   ap.add_argument("--image", default="800x1344", help="input image canvas HxW")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--iters", type=int, default=10)
-  ap.add_argument("--impl", nargs="+", default=["dense", "naive", "gather"])
+  ap.add_argument("--impl", nargs="+", default=["dense", "naive", "gather", "gather_autodiff"])
+  ap.add_argument("--layers", nargs="+", default=[n for n, _, _ in LAYERS],
+                  choices=[n for n, _, _ in LAYERS])
   args = ap.parse_args()
   ih, iw = (int(v) for v in args.image.split("x"))
   print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), image {ih}x{iw}, "
@@ -65,6 +67,8 @@ def main():
   print(f"{'layer':8s} {'map':>9s} {'ch':>4s} {'impl':>7s} {'fwd_compile_s':>13s} "
         f"{'fwd_ms':>9s} {'bwd_compile_s':>13s} {'fwd+bwd_ms':>10s}")
   for name, stride, ch in LAYERS:
+    if name not in args.layers:
+      continue
     h, w = -(-ih // stride), -(-iw // stride)
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
     x = jax.random.normal(keys[0], (args.batch, h, w, ch))

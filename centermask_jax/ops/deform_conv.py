@@ -17,21 +17,28 @@ Padding exactness: `valid_hw` [N, 2] gives each image's official map size
 it, per image, and nothing outside it is read, so a larger canvas gives the same
 numbers in the official region.
 
-Two formulations with identical arithmetic per sample: `impl="gather"` (default)
-gathers each of the 4 neighbours for all kh*kw points at once (row gathers of C values)
-and does one contraction over (kh*kw*C) with the weights; `impl="naive"` loops over
-kernel points (4 gathers and one C-contraction per point). `benchmarks/deform_conv.py`
-compares them: on CPU "naive" runs faster, "gather" compiles ~5x faster (forward+backward),
-which is why it is the default of the models. Both are differentiable w.r.t. input, offset, mask and weight by autodiff,
-which equals the kernel's hand-written backward (bilinear weights are piecewise
-linear in the position; floor() is locally constant).
+Formulations with the same arithmetic per sample (`impl`):
+* "gather" (default): the input is zero-padded by 1 pixel and zeroed outside the
+  official map, so the 4 neighbours of every sample are 4 row gathers at fixed offsets
+  (fused with the bilinear mix), then one (K*C) contraction with the weights. Its
+  backward is hand-written (`jax.custom_vjp`): d input is ONE scatter-add of the 4*M
+  neighbour rows, d offset / d mask are batched row dots of d sample with fused gather
+  mixes, and only the inputs are kept between forward and backward.
+* "gather_autodiff": the same forward differentiated by JAX (the test reference for the
+  hand-written backward).
+* "naive": a loop over kernel points (4 gathers and one C-contraction per point),
+  autodiff.
+All are differentiable w.r.t. input, offset, mask and weight; autodiff equals the
+kernel's hand-written backward (bilinear weights are piecewise linear in the position;
+floor() is locally constant). `benchmarks/deform_conv.py` compares them with a dense conv.
 """
-from typing import Optional
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("gather", "naive")
+IMPLS = ("gather", "gather_autodiff", "naive")
 
 
 def out_size(n: int, k: int, stride: int, padding: int, dilation: int) -> int:
@@ -97,6 +104,146 @@ def _gather(x_flat, rows, cols, width):
   return g.reshape(rows.shape + (c,))
 
 
+def _region(h, w, valid_h, valid_w):
+  """[N, H, W, 1] bool: inside each image's official map."""
+  rows = jnp.arange(h)[None, :, None] < valid_h[:, None, None]
+  cols = jnp.arange(w)[None, None, :] < valid_w[:, None, None]
+  return (rows & cols)[..., None]
+
+
+def _zero_padded(x, region):
+  """x [N, H, W, C] -> [N, (H+2)*(W+2), C]: x with a 1-pixel zero border, 0 outside the
+  official map, so a neighbour outside the map reads 0 (the kernel's corner-wise rule)."""
+  n, h, w, c = x.shape
+  xp = jnp.pad(jnp.where(region, x, jnp.zeros((), x.dtype)), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return xp.reshape(n, (h + 2) * (w + 2), c)
+
+
+class _Taps(NamedTuple):
+  """Sample geometry on the zero-padded map, each [N, M] (M = Ho*Wo*K samples)."""
+  idx: jax.Array  # int32 padded-map row of the low-low neighbour; +1, +(W+2), +(W+3) the others
+  hy: jax.Array  # float32 1 - ly (ly = y - floor(y)), likewise hx, lx
+  ly: jax.Array
+  hx: jax.Array
+  lx: jax.Array
+  inside: jax.Array  # bool: the sample lies in (-1, H) x (-1, W) (else it contributes 0)
+
+  def weights(self):
+    """Bilinear weights of the 4 neighbours (ll, lh, hl, hh), 0 outside, float32."""
+    zero = jnp.zeros((), jnp.float32)
+    return [jnp.where(self.inside, a * b, zero)
+            for a, b in ((self.hy, self.hx), (self.hy, self.lx), (self.ly, self.hx),
+                         (self.ly, self.lx))]
+
+
+def _padded_taps(offset, valid_hw, h, w, kh, kw, stride, padding, dilation):
+  """offset [N, Ho, Wo, 2K], valid_hw [N, 2] -> _Taps."""
+  n = offset.shape[0]
+  ys, xs = _sample_points(offset.astype(jnp.float32), kh, kw, stride, padding, dilation)
+  ys, xs = ys.reshape(n, -1), xs.reshape(n, -1)
+  inside = ((ys > -1) & (xs > -1) & (ys < valid_hw[:, :1].astype(jnp.float32))
+            & (xs < valid_hw[:, 1:].astype(jnp.float32)))
+  y0f, x0f = jnp.floor(ys), jnp.floor(xs)
+  ly, lx = ys - y0f, xs - x0f
+  # Padded row / col of the low neighbour: y0 + 1 in [0, H] for every sample inside
+  # (clamped otherwise: weight 0).
+  r = jnp.clip(y0f.astype(jnp.int32) + 1, 0, h)
+  q = jnp.clip(x0f.astype(jnp.int32) + 1, 0, w)
+  return _Taps(r * (w + 2) + q, 1 - ly, ly, 1 - lx, lx, inside)
+
+
+def _neighbour_offsets(w):
+  return (0, 1, w + 2, w + 3)  # ll, lh, hl, hh on the padded map
+
+
+def _take_rows(xp, idx):
+  """xp [N, R, C], idx [N, M] -> [N, M, C] (row gathers of C contiguous values)."""
+  return jax.vmap(lambda a, i: jnp.take(a, i, axis=0, mode="clip"))(xp, idx)
+
+
+def _mix(xp, idx, w, coeffs):
+  """sum_j coeffs[j] * xp[idx + offset_j] over the 4 neighbours -> [N, M, C]: 4 row
+  gathers fused with the elementwise sum (ll + lh + hl + hh, the kernel's order).
+  coeffs: 4 arrays [N, M] (None: that neighbour is skipped)."""
+  out = None
+  for o, cf in zip(_neighbour_offsets(w), coeffs):
+    if cf is not None:
+      term = _take_rows(xp, idx + o) * cf.astype(xp.dtype)[..., None]
+      out = term if out is None else out + term
+  return out
+
+
+def _canvas_forward(x, offset, mask, weight, valid_hw, kh, kw, stride, padding, dilation):
+  """The "gather" formulation: samples of all K points, masked, one (K*C) contraction."""
+  n, h, w, c = x.shape
+  _, ho, wo, k = mask.shape
+  taps = _padded_taps(offset, valid_hw, h, w, kh, kw, stride, padding, dilation)
+  xp = _zero_padded(x, _region(h, w, valid_hw[:, 0], valid_hw[:, 1]))
+  cols = _mix(xp, taps.idx, w, taps.weights()) * mask.astype(x.dtype).reshape(n, -1, 1)
+  y = cols.reshape(n * ho * wo, k * c) @ weight.reshape(k * c, -1).astype(x.dtype)
+  return y.reshape(n, ho, wo, -1)
+
+
+def _rowdot(a, b):
+  """[N, M, C] x [N, M, C] -> [N, M] sum over C (as a batched dot: XLA:CPU's minor-axis
+  reduce is ~50x slower than its dot here)."""
+  return jnp.einsum("nmc,nmc->nm", a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _gather_op(x, offset, mask, weight, valid_hw, kh, kw, stride, padding, dilation):
+  return _canvas_forward(x, offset, mask, weight, valid_hw, kh, kw, stride, padding, dilation)
+
+
+def _gather_op_fwd(x, offset, mask, weight, valid_hw, kh, kw, stride, padding, dilation):
+  # Only the inputs are kept: the backward gathers again (cheaper than holding
+  # [N, Ho*Wo*K, C] samples of every DCN layer until the backward).
+  y = _canvas_forward(x, offset, mask, weight, valid_hw, kh, kw, stride, padding, dilation)
+  return y, (x, offset, mask, weight, valid_hw)
+
+
+def _gather_op_bwd(kh, kw, stride, padding, dilation, res, gy):
+  """The kernel's backward (weight GEMM, col2im, col2im_coord) in a form XLA:CPU runs
+  well: d input as ONE scatter-add of all 4*M neighbour rows; d offset and d mask as
+  batched row dots of d sample with fused gather mixes (the position derivatives of the
+  bilinear weights); no reduce over the channel axis, no [M, 4, C] tensor."""
+  x, offset, mask, weight, valid_hw = res
+  n, h, w, c = x.shape
+  _, ho, wo, k = mask.shape
+  o = weight.shape[-1]
+  dt = x.dtype
+  region = _region(h, w, valid_hw[:, 0], valid_hw[:, 1])
+  t = _padded_taps(offset, valid_hw, h, w, kh, kw, stride, padding, dilation)
+  wts = t.weights()
+  xp = _zero_padded(x, region)
+  samples = _mix(xp, t.idx, w, wts)  # [N, M, C]
+  msk = mask.astype(dt).reshape(n, -1, 1)
+  gy2 = gy.astype(dt).reshape(n * ho * wo, o)
+  w2 = weight.reshape(k * c, o).astype(dt)
+  gweight = ((samples * msk).reshape(n * ho * wo, k * c).T @ gy2).reshape(weight.shape)
+  gcols = (gy2 @ w2.T).reshape(n, -1, c)
+  gmask = _rowdot(gcols, samples).reshape(mask.shape)
+  gs = gcols * msk  # d loss / d sample [N, M, C]
+  # d sample / d y = hx (v_hl - v_ll) + lx (v_hh - v_lh), d / d x likewise (floor() is
+  # locally constant); 0 for samples outside.
+  zero = jnp.zeros((), jnp.float32)
+  gys = _rowdot(gs, _mix(xp, t.idx, w, (-t.hx, -t.lx, t.hx, t.lx))).astype(jnp.float32)
+  gxs = _rowdot(gs, _mix(xp, t.idx, w, (-t.hy, t.hy, -t.ly, t.ly))).astype(jnp.float32)
+  goffset = jnp.stack([jnp.where(t.inside, gys, zero), jnp.where(t.inside, gxs, zero)], -1)
+  # d input: one scatter-add of the 4 neighbours' rows of all images onto the padded maps.
+  hw2 = (h + 2) * (w + 2)
+  rows = (t.idx[..., None] + jnp.asarray(_neighbour_offsets(w), jnp.int32)
+          + (jnp.arange(n, dtype=jnp.int32) * hw2)[:, None, None])  # [N, M, 4]
+  upd = gs[:, :, None, :] * jnp.stack(wts, -1).astype(dt)[..., None]  # [N, M, 4, C]
+  gxp = jnp.zeros((n * hw2, c), dt).at[rows.reshape(-1)].add(upd.reshape(-1, c))
+  gx = jnp.where(region, gxp.reshape(n, h + 2, w + 2, c)[:, 1:-1, 1:-1], jnp.zeros((), dt))
+  return (gx, goffset.reshape(offset.shape).astype(offset.dtype), gmask.astype(mask.dtype),
+          gweight.astype(weight.dtype), None)
+
+
+_gather_op.defvjp(_gather_op_fwd, _gather_op_bwd)
+
+
 def modulated_deform_conv(x, offset, mask, weight, bias=None, *, stride: int = 1,
                           padding: int = 0, dilation: int = 1, valid_hw=None,
                           impl: str = "gather"):
@@ -123,19 +270,16 @@ def modulated_deform_conv(x, offset, mask, weight, bias=None, *, stride: int = 1
   if valid_hw is None:
     valid_hw = jnp.broadcast_to(jnp.array([h, w], jnp.int32), (n, 2))
   valid_hw = jnp.asarray(valid_hw, jnp.int32)
-  # Sample positions in float32 (as the kernel in fp32), whatever the compute dtype.
-  ys, xs = _sample_points(offset.astype(jnp.float32), kh, kw, stride, padding, dilation)
-  rows, cols, taps = _bilinear_taps(ys, xs, valid_hw[:, 0], valid_hw[:, 1])
-  x_flat = x.reshape(n, h * w, c)
-  mask = mask.astype(x.dtype)
   if impl == "gather":
-    # Each of the 4 neighbours gathered for all K points at once ([N, Ho, Wo, K, C], the
-    # gathers fuse with the bilinear mix), masked, then a single contraction over (K, C).
-    samples = sum(_gather(x_flat, r, q, w) * t.astype(x.dtype)[..., None]
-                  for r, q, t in zip(rows, cols, taps))
-    cols_ = (samples * mask[..., None]).reshape(n * ho * wo, k * c)
-    y = (cols_ @ weight.reshape(k * c, cout).astype(x.dtype)).reshape(n, ho, wo, cout)
+    y = _gather_op(x, offset, mask, weight, valid_hw, kh, kw, stride, padding, dilation)
+  elif impl == "gather_autodiff":
+    y = _canvas_forward(x, offset, mask, weight, valid_hw, kh, kw, stride, padding, dilation)
   else:
+    # Sample positions in float32 (as the kernel in fp32), whatever the compute dtype.
+    ys, xs = _sample_points(offset.astype(jnp.float32), kh, kw, stride, padding, dilation)
+    rows, cols, taps = _bilinear_taps(ys, xs, valid_hw[:, 0], valid_hw[:, 1])
+    x_flat = x.reshape(n, h * w, c)
+    mask = mask.astype(x.dtype)
     y = jnp.zeros((n, ho, wo, cout), x.dtype)
     wk = weight.reshape(k, c, cout).astype(x.dtype)
     for t in range(k):
