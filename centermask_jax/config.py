@@ -33,7 +33,7 @@ def base_config() -> ml_collections.ConfigDict:
       freeze_at=0,              # 0: all trainable (norms are FrozenBN anyway)
       norm="FrozenBN",          # VoVNet only: FrozenBN (official) | GN (from-scratch training)
       stage_with_dcn=(False, False, False, False),  # VoVNet stages 2..5: modulated DCN 3x3
-      dcn_impl="gather",        # deformable conv formulation: gather | naive (ops/deform_conv)
+      dcn_impl="gather",        # ops/deform_conv impl: gather | gather_autodiff | naive
   ))
   m.fpn_channels = 256
   m.fcos = ml_collections.ConfigDict(dict(
