@@ -20,10 +20,10 @@ numbers in the official region.
 Formulations with the same arithmetic per sample (`impl`):
 * "gather" (default): the input is zero-padded by 1 pixel and zeroed outside the
   official map, so the 4 neighbours of every sample are 4 row gathers at fixed offsets
-  (fused with the bilinear mix), then one (K*C) contraction with the weights. Its
+  summed with the bilinear weights, then one (K*C) contraction with the weights. Its
   backward is hand-written (`jax.custom_vjp`): d input is ONE scatter-add of the 4*M
-  neighbour rows, d offset / d mask are batched row dots of d sample with fused gather
-  mixes, and only the inputs are kept between forward and backward.
+  neighbour rows, d offset / d mask are batched row dots of d sample with gather mixes,
+  and only the inputs are kept between forward and backward.
 * "gather_autodiff": the same forward differentiated by JAX (the test reference for the
   hand-written backward).
 * "naive": a loop over kernel points (4 gathers and one C-contraction per point),
@@ -163,7 +163,7 @@ def _take_rows(xp, idx):
 
 def _mix(xp, idx, w, coeffs):
   """sum_j coeffs[j] * xp[idx + offset_j] over the 4 neighbours -> [N, M, C]: 4 row
-  gathers fused with the elementwise sum (ll + lh + hl + hh, the kernel's order).
+  gathers and an elementwise sum (ll + lh + hl + hh, the kernel's order).
   coeffs: 4 arrays [N, M] (None: that neighbour is skipped)."""
   out = None
   for o, cf in zip(_neighbour_offsets(w), coeffs):
@@ -205,8 +205,8 @@ def _gather_op_fwd(x, offset, mask, weight, valid_hw, kh, kw, stride, padding, d
 def _gather_op_bwd(kh, kw, stride, padding, dilation, res, gy):
   """The kernel's backward (weight GEMM, col2im, col2im_coord) in a form XLA:CPU runs
   well: d input as ONE scatter-add of all 4*M neighbour rows; d offset and d mask as
-  batched row dots of d sample with fused gather mixes (the position derivatives of the
-  bilinear weights); no reduce over the channel axis, no [M, 4, C] tensor."""
+  batched row dots of d sample with gather mixes (the position derivatives of the
+  bilinear weights); no reduce over the channel axis."""
   x, offset, mask, weight, valid_hw = res
   n, h, w, c = x.shape
   _, ho, wo, k = mask.shape
