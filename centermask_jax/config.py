@@ -122,9 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.mask_loss_norm = "per_device"
   t.checkpoint_on_interrupt = True  # Ctrl-C: save the current step before stopping
   # Mask + MaskIoU branch on the smallest of 16/32/64/128 foreground slots holding the real
-  # count (lax.switch) instead of always all slots. Same numbers up to GEMM rounding; off by
-  # default: measured 3x slower (CPU time) and +1 GiB peak on XLA:CPU (train_b2, Lite V-19).
-  t.fg_slot_buckets = False
+  # count instead of always all slots (training.step.FgSlotPicker: one program per bucket,
+  # the host reads each step's foreground count). "auto": "host" on CPU, "off" (all slots,
+  # no per-step host read) on accelerators. Same numbers up to GEMM rounding.
+  t.fg_slot_buckets = "auto"
   return c
 
 

@@ -459,25 +459,21 @@ def test_device_prefetch_keeps_order_state_and_layout():
   assert p.get_state() == {"step": 6}
 
 
-def test_fg_slot_buckets_equal_the_full_slot_count(setup, monkeypatch):
-  """The mask branch on the smallest slot bucket holding the real foreground count
-  (lax.switch) keeps the same foreground RoIs and mask targets (exact) and gives the same
-  predictions, losses and gradients as always using all fg_slots, up to float rounding
-  (the heads run on fewer RoI rows, so XLA may block their GEMMs differently)."""
+def test_fg_slot_bucket_equals_the_full_slot_count(setup):
+  """The mask branch on a slot bucket holding the real foreground count (what
+  step.FgSlotPicker picks) keeps the same foreground RoIs and mask targets (exact) and gives
+  the same predictions, losses and gradients as all fg_slots, up to float rounding (the
+  heads run on fewer RoI rows, so XLA may block their GEMMs differently)."""
   c, model, v = setup
-  assert S.fg_buckets(c) == (20,)  # off by default
-  c = tiny_config()
-  c.train.fg_slot_buckets = True
-  assert S.fg_buckets(c) == (16, 20)
+  assert S.fg_buckets(c) == (20,)  # 16 > 3/4 of 20 slots: not worth a second program
   batch = make_batch(2, 11)
-  fn = lambda: jax.jit(jax.value_and_grad(functools.partial(
-      S.loss_fn, model=model, config=c, axis_name=None, capture=True), has_aux=True))
-  (tot_b, aux_b), g_b = fn()(v["params"], v["frozen_bn"], batch, jax.random.PRNGKey(0))
-  monkeypatch.setattr(S, "FG_BUCKETS", ())
-  assert S.fg_buckets(c) == (20,)
-  (tot_f, aux_f), g_f = fn()(v["params"], v["frozen_bn"], batch, jax.random.PRNGKey(0))
+  fn = lambda k: jax.jit(jax.value_and_grad(functools.partial(
+      S.loss_fn, model=model, config=c, axis_name=None, capture=True, fg_slots=k),
+      has_aux=True))
+  (tot_b, aux_b), g_b = fn(16)(v["params"], v["frozen_bn"], batch, jax.random.PRNGKey(0))
+  (tot_f, aux_f), g_f = fn(None)(v["params"], v["frozen_bn"], batch, jax.random.PRNGKey(0))
   fg = np.asarray(aux_f["inter"]["fg_rois"]["fg"])  # the fg rows come first in both
-  assert 0 < fg.sum(1).max() <= 16  # the bucketed run took the 16-slot branch
+  assert 0 < fg.sum(1).max() <= 16 and float(aux_f["fg_max"]) == fg.sum(1).max()
   np.testing.assert_array_equal(np.asarray(aux_b["inter"]["fg_rois"]["fg"]), fg)
   sel = lambda a: np.asarray(a)[fg]
   for k in ("fg_rois", "mask_targets"):

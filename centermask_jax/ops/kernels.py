@@ -8,10 +8,13 @@ measured faster on the backend (`benchmarks/kernels.py`):
   contraction per group; a k x k depthwise conv is instead computed as k*k shifted
   multiply-adds of strided slices (one fused elementwise loop, forward and backward).
 * 1x1 dense convs, backward: XLA:CPU's kernel-gradient convolution is 1.5-2x slower than
-  the plain matmul dK = x^T @ g (contraction over N, H', W'). On CPU the forward stays
-  XLA's conv and the gradients are matmuls (`conv2d_dot_grad`, which also handles k x k
-  and strides: dK per tap, dx by XLA's transposed conv for stride 1, else g @ K[i, j]^T
-  placed on the strided tap grid; for 3x3 it measured slower than XLA, so only 1x1 uses it).
+  the plain matmul dK = x^T @ g (contraction over N, H', W'), and that matmul is itself
+  ~3x slower than a batch of row-block partial products summed afterwards (`_gram`: one
+  [Cin, Cout] output tile leaves XLA:CPU little to split across threads). On CPU the
+  forward stays XLA's conv and the gradients are matmuls (`conv2d_dot_grad`, which also
+  handles k x k and strides: dK per tap, dx = g @ K^T for 1x1 stride 1, XLA's transposed
+  conv for other stride-1 kernels, else g @ K[i, j]^T placed on the strided tap grid; for
+  3x3 it measured slower than XLA, so only 1x1 uses it).
 
 Layout NHWC / HWIO as `lax.conv_general_dilated(..., ("NHWC", "HWIO", "NHWC"))`.
 """
@@ -127,6 +130,19 @@ def _depthwise_bwd(stride, pad, res, g):
 depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
+def _gram(a, b, acc):
+  """a [N, H, W, C], b [N, H, W, D] -> sum over N, H, W of a^T b: [C, D] in dtype `acc`.
+
+  As a batch of partial products over row blocks, then summed: one [C, D] output tile is
+  too little parallel work for XLA:CPU's single matmul over N*H*W (3x slower at 432x400)."""
+  c, d = a.shape[-1], b.shape[-1]
+  m = a.shape[0] * a.shape[1] * a.shape[2]
+  blocks = next((k for k in (32, 16, 8, 4, 2) if m % k == 0 and m // k >= 1024), 1)
+  part = jnp.einsum("bmc,bmd->bcd", a.reshape(blocks, m // blocks, c),
+                    b.reshape(blocks, m // blocks, d), preferred_element_type=acc)
+  return jnp.sum(part, axis=0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d_dot_grad(x, kernel, stride: int = 1, pad: int = 0):
   """Dense conv (groups 1) = `lax_conv2d`, with gradients computed as matmuls."""
@@ -144,11 +160,13 @@ def _dot_grad_bwd(stride, pad, res, g):
   ho, wo = g.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  dk = jnp.stack([
-      jnp.einsum("nhwc,nhwd->cd", _tap(xp, i, j, stride, ho, wo), g,
-                 preferred_element_type=acc)
-      for i in range(kh) for j in range(kw)]).reshape(kernel.shape).astype(kernel.dtype)
-  if stride == 1:
+  dk = jnp.stack([_gram(_tap(xp, i, j, stride, ho, wo), g, acc)
+                  for i in range(kh) for j in range(kw)]).reshape(kernel.shape)
+  dk = dk.astype(kernel.dtype)
+  if kh == kw == 1 and stride == 1:
+    dx = jnp.einsum("nhwd,cd->nhwc", g, kernel[0, 0], preferred_element_type=acc)
+    dx = dx.astype(x.dtype)
+  elif stride == 1:
     dx = jax.vjp(lambda a: lax_conv2d(a, kernel, 1, pad), x)[1](g)[0]
   else:
     hp, wp = xp.shape[1:3]

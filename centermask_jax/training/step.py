@@ -40,6 +40,12 @@ def fg_slots(config) -> int:
   return int(min(c.roi.max_fg_per_image, c.fcos.post_nms_topk_train + config.data.max_instances))
 
 
+def fg_slots_of(config, batch) -> int:
+  """The full slot count of a step on `batch` (fg_slots, capped by proposals + GT slots)."""
+  return fg_buckets(config, config.model.fcos.post_nms_topk_train
+                    + batch["gt_boxes"].shape[-2])[-1]
+
+
 MASK_LOSS_NORMS = ("per_device", "global")
 
 
@@ -54,16 +60,72 @@ def mask_loss_axis(config, axis_name: Optional[str]) -> Optional[str]:
 
 
 FG_BUCKETS = (16, 32, 64, 128)
+FG_SLOT_MODES = ("auto", "host", "off")
 
 
 def fg_buckets(config, num_rois: Optional[int] = None) -> tuple:
-  """Foreground slot counts the step compiles (lax.switch on the real count): with
-  `train.fg_slot_buckets`, the FG_BUCKETS below the slot count (`fg_slots`, at most
-  num_rois = proposals + GT slots), then the slot count itself; else the slot count only."""
+  """Foreground slot counts the mask branch may run on: the FG_BUCKETS up to 3/4 of the
+  slot count (`fg_slots`, at most num_rois = proposals + GT slots; a bucket closer to it
+  saves too little to pay for its compile), then the slot count."""
   slots = fg_slots(config) if num_rois is None else min(fg_slots(config), int(num_rois))
-  if not bool(config.train.get("fg_slot_buckets", False)):
-    return (slots,)
-  return tuple(b for b in FG_BUCKETS if b < slots) + (slots,)
+  return tuple(b for b in FG_BUCKETS if 4 * b <= 3 * slots) + (slots,)
+
+
+def fg_slot_mode(config) -> str:
+  """`train.fg_slot_buckets` resolved: "host" (the host picks a slot bucket per step, see
+  `FgSlotPicker`; "auto" on CPU, where the host is the device and reading the step's
+  foreground count costs nothing) or "off" (every step on all fg_slots, no host read:
+  "auto" on accelerators)."""
+  mode = config.train.get("fg_slot_buckets", "auto")
+  if mode not in FG_SLOT_MODES:
+    raise ValueError(f"train.fg_slot_buckets={mode!r}; expected one of {FG_SLOT_MODES}")
+  if mode == "auto":
+    mode = "host" if jax.default_backend() == "cpu" else "off"
+  return mode
+
+
+class FgSlotPicker:
+  """Host choice of the mask branch's foreground slot bucket (`fg_slot_mode` "host").
+
+  The step for bucket k (`make_train_step(..., fg_slots=k)`) reports the all-device
+  largest per-image foreground count (metrics["fg_max"]); if it exceeds k the step left the
+  state unchanged and is run again on the bucket holding it, so every applied step saw all
+  its foreground RoIs (exact: the rows past the count are padding either way). A step runs
+  on the smallest bucket holding the largest count of the last `window` applied steps (all
+  slots when there is none yet). The history is part of the checkpointed data state
+  (`state()` / `set_state()`), so a resumed run picks the buckets the uninterrupted one did.
+  """
+
+  def __init__(self, buckets, window: int = 20):
+    self.buckets = tuple(int(b) for b in buckets)
+    self.window = int(window)
+    self.recent = []
+    self.reruns = 0
+
+  def bucket(self, count: int) -> int:
+    """Smallest bucket holding `count` foreground RoIs (the largest if none does)."""
+    return next((b for b in self.buckets if b >= count), self.buckets[-1])
+
+  def pick(self) -> int:
+    return self.bucket(max(self.recent)) if self.recent else self.buckets[-1]
+
+  def observe(self, slots: int, fg_max: int) -> Optional[int]:
+    """After a step on `slots`: None if it was applied (recorded), else the bucket to run
+    it again on."""
+    if fg_max > slots:
+      self.reruns += 1
+      return self.bucket(fg_max)
+    self.recent = (self.recent + [int(fg_max)])[-self.window:]
+    return None
+
+  def state(self) -> dict:
+    return {"fg_recent": list(self.recent)}
+
+  def set_state(self, data_state: dict) -> dict:
+    """Takes this picker's entry out of a restored data state; returns the rest."""
+    rest = dict(data_state)
+    self.recent = [int(v) for v in rest.pop("fg_recent", [])][-self.window:]
+    return rest
 
 
 def mask_targets(config, boxes, matched_idx, fg_valid, batch, mask_size: int):
@@ -87,12 +149,16 @@ def mask_targets(config, boxes, matched_idx, fg_valid, batch, mask_size: int):
 
 
 def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
-            axis_name: Optional[str] = AXIS, capture: bool = False):
+            axis_name: Optional[str] = AXIS, capture: bool = False,
+            fg_slots: Optional[int] = None):
   """Per-device total loss.
 
   params / frozen_bn: model variables; batch: dict of [B, ...] arrays (the data contract
-  without the device axis); rng: PRNG key (foreground subsampling).
-  -> (total scalar, dict of the five losses + num_pos, num_fg). With `capture`, the dict
+  without the device axis); rng: PRNG key (foreground subsampling); fg_slots: foreground
+  RoI rows per image of the mask branch (None: all `fg_slots(config)`; fewer drops the
+  foreground RoIs past that count, see `FgSlotPicker`).
+  -> (total scalar, dict of the five losses + num_pos, num_fg, fg_max = this device's
+  largest per-image foreground count). With `capture`, the dict
   also holds "inter": FCOS targets, train proposals, foreground RoIs, mask and MaskIoU
   targets and predictions (what `tools.parity --train` compares).
   """
@@ -126,8 +192,8 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
   rois = T.match_rois(det["boxes"], det["valid"], batch["gt_boxes"], batch["gt_classes"],
                       batch["gt_valid"], image_hw, max_fg=m.roi.max_fg_per_image,
                       iou_threshold=m.roi.iou_threshold, rng=rng)
-  buckets = fg_buckets(config, rois["fg"].shape[1])
-  slots = buckets[-1]
+  slots = fg_buckets(config, rois["fg"].shape[1])[-1]
+  k = slots if fg_slots is None else min(int(fg_slots), slots)
 
   def roi_branch(k):
     """The mask + MaskIoU branch on k foreground slots per image -> this device's loss
@@ -156,14 +222,7 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
       return out
     return fn
 
-  if len(buckets) == 1:  # the default: every slot, no switch
-    part = roi_branch(slots)((variables, fpn, rois))
-  else:
-    # Slots bucketed by this device's largest real foreground count (exact: the rows past
-    # it are padding either way); the collectives of the normalisers stay outside.
-    n_fg = jnp.max(jnp.sum(rois["fg"], axis=1))
-    branch = sum((n_fg > b).astype(jnp.int32) for b in buckets[:-1])
-    part = jax.lax.switch(branch, [roi_branch(k) for k in buckets], (variables, fpn, rois))
+  part = roi_branch(k)((variables, fpn, rois))
   mask_axis = mask_loss_axis(config, axis_name)
   loss_mask = L.normalised(part["mask"], mask_axis)
   loss_maskiou = m.maskiou_head.loss_weight * L.normalised(part["maskiou"], mask_axis)
@@ -172,6 +231,7 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
             "loss_maskiou": loss_maskiou}
   total = sum(losses[k] for k in LOSS_KEYS)
   aux = dict(losses, num_pos=fl["num_pos"], num_fg=jnp.sum(rois["fg"]).astype(jnp.float32),
+             fg_max=jnp.max(jnp.sum(rois["fg"], axis=1)).astype(jnp.float32),
              mask_target_overflow=part["overflow"].astype(jnp.float32))
   if capture:
     aux["inter"] = dict(part["inter"], fcos_targets=tg, proposals=det)
@@ -183,15 +243,23 @@ def init_state(params, frozen_bn, tx: optax.GradientTransformation) -> Dict[str,
           "opt_state": tx.init(params)}
 
 
-def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS):
-  """One SGD step on this device's batch; grads and metrics averaged over `axis_name`."""
+def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS,
+               fg_slots: Optional[int] = None):
+  """One SGD step on this device's batch; grads and metrics averaged over `axis_name`.
+
+  fg_slots: the mask branch's foreground rows per image (None: all). A step whose
+  all-device largest per-image foreground count (metrics["fg_max"]) exceeds it leaves the
+  state as it was (metrics["fg_overflow"] = 1) to be run again on more slots."""
   rng = jax.random.fold_in(rng, state["step"])
   grad_fn = jax.value_and_grad(
-      functools.partial(loss_fn, model=model, config=config, axis_name=axis_name),
+      functools.partial(loss_fn, model=model, config=config, axis_name=axis_name,
+                        fg_slots=fg_slots),
       has_aux=True)
   (total, aux), grads = grad_fn(state["params"], state["frozen_bn"], batch, rng)
+  fg_max = aux.pop("fg_max")
   if axis_name is not None:
     grads = jax.lax.pmean(grads, axis_name)
+    fg_max = jax.lax.pmax(fg_max, axis_name)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   metrics = dict(aux, total_loss=total)
@@ -210,7 +278,15 @@ def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS):
         lambda new, old: jnp.where(ok, new, old), (params, opt_state),
         (state["params"], state["opt_state"]))
     metrics["skipped"] = (~ok).astype(jnp.float32)
-  new_state = {"step": state["step"] + 1, "params": params, "frozen_bn": state["frozen_bn"],
+  metrics["fg_max"] = fg_max
+  new_step = state["step"] + 1
+  if fg_slots is not None and fg_slots < fg_slots_of(config, batch):
+    applied = fg_max <= fg_slots
+    params, opt_state, new_step = jax.tree_util.tree_map(
+        lambda new, old: jnp.where(applied, new, old), (params, opt_state, new_step),
+        (state["params"], state["opt_state"], state["step"]))
+    metrics["fg_overflow"] = (~applied).astype(jnp.float32)
+  new_state = {"step": new_step, "params": params, "frozen_bn": state["frozen_bn"],
                "opt_state": opt_state}
   return new_state, metrics
 
@@ -240,14 +316,16 @@ def finiteness(metrics, params, opt_state) -> Dict[str, jax.Array]:
   return {"nonfinite": code, "nonfinite_params": n_params, "nonfinite_opt_state": n_opt}
 
 
-def make_train_step(model, config, tx, lr_fn, devices=None, mode: str = "pmap"):
+def make_train_step(model, config, tx, lr_fn, devices=None, mode: str = "pmap",
+                    fg_slots: Optional[int] = None):
   """The mapped update step. mode "pmap" (default): (state [D, ...], batch [D, B, ...], rng)
   -> (state, metrics [D]); "shard_map": jit of shard_map over `parallel.make_mesh(devices)`,
   state replicated on the mesh (`parallel.replicate_on_mesh`), metrics unstacked.
+  fg_slots: see `train_step` (one program per bucket; `FgSlotPicker` chooses).
 
   Gradients and metrics are averaged over every device of every process."""
   fn = functools.partial(train_step, model=model, config=config, tx=tx, lr_fn=lr_fn,
-                         axis_name=AXIS)
+                         axis_name=AXIS, fg_slots=fg_slots)
   if mode == "pmap":
     return parallel.make_pmap_step(fn, devices)
   if mode == "shard_map":

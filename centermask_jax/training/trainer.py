@@ -286,8 +286,15 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
   mgr = checkpointing.make_manager(workdir, keep=int(t.keep_checkpoints),
                                    async_save=async_checkpoints)
   restored = checkpointing.restore_latest(mgr, state) if latest is not None else None
+  picker = None
+  if step_lib.fg_slot_mode(config) == "host" and len(step_lib.fg_buckets(config)) > 1:
+    picker = step_lib.FgSlotPicker(step_lib.fg_buckets(config))
   if restored is not None:
     start, state, data_state = restored
+    data_state = dict(data_state)
+    fg_state = {"fg_recent": data_state.pop("fg_recent", [])}
+    if picker is not None:
+      picker.set_state(fg_state)
     train_iter.set_state(data_state)
     _say(f"restored {ckpt_workdir.checkpoint_dir(workdir)}/{start} "
          f"(data position {data_state})")
@@ -297,11 +304,20 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
   end = max_iter if num_steps is None else min(max_iter, start + int(num_steps))
 
   banner("update step")
-  p_step = step_lib.make_train_step(model, config, tx, lr_fn, devices=devices)
+  p_steps = {}  # foreground slots per image (None: all) -> the mapped step
+
+  def p_step_for(k):
+    if k not in p_steps:
+      kw = {} if k is None else {"fg_slots": k}
+      p_steps[k] = step_lib.make_train_step(model, config, tx, lr_fn, devices=devices, **kw)
+    return p_steps[k]
   rstate = parallel.replicate(state, devices)
   del state
   _say(f"pmapped over {d} devices, axis 'batch', state donated; compiled on the first "
-       "step of each canvas" + (f" ({len(canvases)} canvases)" if canvases else ""))
+       "step of each canvas" + (f" ({len(canvases)} canvases)" if canvases else "")
+       + (f"; mask branch on {'/'.join(map(str, picker.buckets))} foreground slots per "
+          "image, the smallest holding the recent count (train.fg_slot_buckets)"
+          if picker else ""))
 
   banner(f"loop: steps {start + 1}..{end}")
   writer = None
@@ -320,8 +336,8 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
   log_every = max(1, int(t.log_every))
   eval_every = int(t.get("eval_every", 0) or 0)
   speed = _Speed(global_batch)
-  compiled = []  # canvases whose update step is compiled
-  executables = {}  # canvas -> the update step compiled ahead of time
+  compiled = []  # (canvas, fg slots) whose update step is compiled
+  executables = {}  # (canvas, fg slots) -> the update step compiled ahead of time
   evaluation = _EvalHook(config, workdir, devices, writer, rl)
   step = saved = start
   stop = _StopOnSigint()
@@ -351,28 +367,55 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
       m = parallel.first_device_metrics(m)  # host already: device_get is a no-op
       guard.check(s, m)  # non-finite: raises, or (skip mode) counts the skip
       m["skipped_total"] = float(guard.skipped)
+      if picker is not None:
+        m["fg_reruns_total"] = float(picker.reruns)
       last = m
       history.append(m["total_loss"])
 
   def restart_window():
     window[0], window[1] = time.perf_counter(), 0
 
+  def saved_data_state():
+    """The iterator position (+ the fg slot picker's history) saved with a checkpoint."""
+    return dict(train_iter.get_state(), **(picker.state() if picker else {}))
+
+  def run_step(rstate, batch, canvas, k):
+    """The step for (canvas, fg slots k), compiled first if new -> (state, metrics,
+    compiled now)."""
+    key = (canvas, k)
+    compiling = key not in compiled
+    if compiling:
+      pull()
+      compiled.append(key)
+      n_canvas = len({c for c, _ in compiled})
+      of = f" of {len(canvases)}" if canvases and canvas in canvases else ""
+      slots = f", {k} foreground slots" if k is not None else ""
+      _say(f"compiling the train step for canvas {canvas[0]}x{canvas[1]}{slots} "
+           f"({n_canvas}{of})...")
+    p_step = p_step_for(k)
+    if compiling and jax.process_count() == 1 and hasattr(p_step, "lower"):
+      executables[key] = parallel.compile_ahead(p_step, rstate, batch, step_rng)
+    rstate, metrics = executables.get(key, p_step)(rstate, batch, step_rng)
+    return rstate, metrics, compiling
+
   try:
     stop.__enter__()
     while step < end and not stop.requested:
       batch = next(train_iter)
       canvas = tuple(int(v) for v in np.shape(batch["image"])[-3:-1])
-      compiling = canvas not in compiled
-      if compiling:
-        pull()
-        compiled.append(canvas)
-        of = f" of {len(canvases)}" if canvases and canvas in canvases else ""
-        _say(f"compiling the train step for canvas {canvas[0]}x{canvas[1]} "
-             f"({len(compiled)}{of})...")
       t0 = time.perf_counter()
-      if compiling and jax.process_count() == 1 and hasattr(p_step, "lower"):
-        executables[canvas] = parallel.compile_ahead(p_step, rstate, batch, step_rng)
-      rstate, metrics = executables.get(canvas, p_step)(rstate, batch, step_rng)
+      k = picker.pick() if picker else None
+      rstate, metrics, compiling = run_step(rstate, batch, canvas, k)
+      while picker is not None:  # the host reads the step's foreground count
+        fg_max = int(np.max(jax.device_get(metrics["fg_max"])))
+        again = picker.observe(k, fg_max)
+        if again is None:
+          break
+        rl.to_file(f"  step {step + 1}: {fg_max} foreground RoIs in an image > {k} slots: "
+                   f"run again on {again} (the state was left unchanged)")
+        k = again
+        rstate, metrics, c = run_step(rstate, batch, canvas, k)
+        compiling = compiling or c
       del batch
       step += 1
       pending.append((step, metrics))
@@ -420,8 +463,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
             writer.add_scalar("train/images_per_s", ips, step)
           writer.flush()
       if save:
-        saver.save(step, parallel.local_copy(rstate), train_iter.get_state(), config,
-                   meta=meta)
+        saver.save(step, parallel.local_copy(rstate), saved_data_state(), config, meta=meta)
         saved = step
       if evaluate:
         if bar is not None:
@@ -432,8 +474,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
     pull()  # an interrupted run: the guard sees every step before it is saved
     interrupted = stop.requested and step < end
     if interrupted and step > saved and t.get("checkpoint_on_interrupt", True):
-      saver.save(step, parallel.local_copy(rstate), train_iter.get_state(), config,
-                 meta=meta)
+      saver.save(step, parallel.local_copy(rstate), saved_data_state(), config, meta=meta)
       saved = step
     mgr.wait_until_finished()
     saver.poll(step)  # the last save too
