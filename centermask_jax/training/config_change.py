@@ -13,7 +13,7 @@ from centermask_jax import errors
 FREE = ("name", "weights", "compilation_cache_dir", "data.data_dir", "optim.max_iter",
         "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
         "train.eval_every", "train.allow_config_change", "train.checkpoint_on_interrupt",
-        "train.skip_nonfinite_steps")
+        "train.skip_nonfinite_steps", "train.fg_slot_buckets")
 GROUPS = (("model.", "model"), ("optim.steps", "schedule"), ("optim.warmup", "schedule"),
           ("optim.gamma", "schedule"), ("optim.", "optimiser"), ("train.global_batch", "batch"),
           ("input.", "input"), ("data.", "data"), ("train.", "train"))
