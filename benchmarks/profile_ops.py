@@ -115,6 +115,10 @@ def main():
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--by", default="op", choices=("op", "source", "kind"))
+  ap.add_argument("--fg-slots", type=int, default=None,
+                  help="train: foreground slots per image of the mask branch (default all; "
+                       "the trainer picks the bucket holding the real count, e.g. 32 for "
+                       "the reference's two images)")
   ap.add_argument("--depthwise", choices=("lax", "shifted"),
                   help="force this depthwise conv implementation (ops/kernels.py)")
   ap.add_argument("--shared", default=os.path.join(os.path.dirname(REPO), "shared"))
@@ -170,7 +174,8 @@ def main():
     tx = opt_lib.make_optimizer(cfg, variables["params"])
     state = step_lib.init_state(variables["params"], variables["frozen_bn"], tx)
     fn = jax.jit(functools.partial(step_lib.train_step, model=model, config=cfg, tx=tx,
-                                   lr_fn=opt_lib.lr_schedule(cfg), axis_name=None))
+                                   lr_fn=opt_lib.lr_schedule(cfg), axis_name=None,
+                                   fg_slots=args.fg_slots))
     fargs = (state, batch, jax.random.PRNGKey(0))
   compiled = fn.lower(*fargs).compile()
   text = compiled.as_text()
