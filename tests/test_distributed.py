@@ -9,7 +9,7 @@ import numpy as np
 
 from centermask_jax.training import trainer
 from conftest import TINY_COCO
-from test_train import FakeIterator, tiny_config
+from test_train import FakeIterator, jit_init_variables, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -20,7 +20,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_end_with_identical_params(tmp_path):
+def test_two_processes_end_with_identical_params(tmp_path, monkeypatch):
   """2 processes x 1 device, 2 steps: both end with bit-identical params, equal to one
   process training on 2 devices with the same global batches. With tiny_coco present, the
   evaluation hook then runs at max_iter on 4 real images sharded over both processes."""
@@ -66,7 +66,8 @@ def test_two_processes_end_with_identical_params(tmp_path):
       metrics = json.load(f)
     assert set(metrics) == {"bbox", "segm"}
 
-  # Same global batches on one process with 2 local devices.
+  # Same global batches on one process with 2 local devices (initialised as the workers).
+  monkeypatch.setattr(trainer, "init_variables", jit_init_variables)
   c = tiny_config()
   c.train.global_batch = 2
   ref = trainer.train_and_evaluate(c, str(tmp_path / "single"), FakeIterator(2, 1), num_steps=2,
