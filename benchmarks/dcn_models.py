@@ -67,4 +67,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(HERE))
+  from centermask_jax import runlog
+  runlog.quiet_startup()  # before TensorFlow is imported
   main()
