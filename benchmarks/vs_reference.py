@@ -241,9 +241,7 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
     # The trainer's foreground slot buckets (train.fg_slot_buckets): its first step runs on
     # all slots, later ones on the bucket holding the count seen; the first call here does
     # both (compile_s counts both compiles), the timed calls run the trainer's steady state.
-    picker = (step_lib.FgSlotPicker(step_lib.fg_buckets(cfg))
-              if step_lib.fg_slot_mode(cfg) == "host" and len(step_lib.fg_buckets(cfg)) > 1
-              else None)
+    picker = step_lib.fg_slot_picker(cfg)
     exe = {}
 
     def call():

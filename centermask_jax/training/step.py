@@ -40,12 +40,6 @@ def fg_slots(config) -> int:
   return int(min(c.roi.max_fg_per_image, c.fcos.post_nms_topk_train + config.data.max_instances))
 
 
-def fg_slots_of(config, batch) -> int:
-  """The full slot count of a step on `batch` (fg_slots, capped by proposals + GT slots)."""
-  return fg_buckets(config, config.model.fcos.post_nms_topk_train
-                    + batch["gt_boxes"].shape[-2])[-1]
-
-
 MASK_LOSS_NORMS = ("per_device", "global")
 
 
@@ -82,6 +76,14 @@ def fg_slot_mode(config) -> str:
   if mode == "auto":
     mode = "host" if jax.default_backend() == "cpu" else "off"
   return mode
+
+
+def fg_slot_picker(config) -> Optional["FgSlotPicker"]:
+  """The host's bucket picker for `config`, or None (mode "off", or a single bucket)."""
+  buckets = fg_buckets(config)
+  if fg_slot_mode(config) == "host" and len(buckets) > 1:
+    return FgSlotPicker(buckets)
+  return None
 
 
 class FgSlotPicker:
@@ -280,7 +282,7 @@ def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS,
     metrics["skipped"] = (~ok).astype(jnp.float32)
   metrics["fg_max"] = fg_max
   new_step = state["step"] + 1
-  if fg_slots is not None and fg_slots < fg_slots_of(config, batch):
+  if fg_slots is not None:
     applied = fg_max <= fg_slots
     params, opt_state, new_step = jax.tree_util.tree_map(
         lambda new, old: jnp.where(applied, new, old), (params, opt_state, new_step),

@@ -286,15 +286,13 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
   mgr = checkpointing.make_manager(workdir, keep=int(t.keep_checkpoints),
                                    async_save=async_checkpoints)
   restored = checkpointing.restore_latest(mgr, state) if latest is not None else None
-  picker = None
-  if step_lib.fg_slot_mode(config) == "host" and len(step_lib.fg_buckets(config)) > 1:
-    picker = step_lib.FgSlotPicker(step_lib.fg_buckets(config))
+  picker = step_lib.fg_slot_picker(config)
   if restored is not None:
     start, state, data_state = restored
     data_state = dict(data_state)
-    fg_state = {"fg_recent": data_state.pop("fg_recent", [])}
     if picker is not None:
-      picker.set_state(fg_state)
+      data_state = picker.set_state(data_state)
+    data_state.pop("fg_recent", None)  # saved by a run with buckets, resumed without
     train_iter.set_state(data_state)
     _say(f"restored {ckpt_workdir.checkpoint_dir(workdir)}/{start} "
          f"(data position {data_state})")
