@@ -6,7 +6,9 @@ measured faster on the backend (`benchmarks/kernels.py`):
 
 * depthwise (groups == C_in == C_out): on CPU, XLA lowers a grouped conv to one small
   contraction per group; a k x k depthwise conv is instead computed as k*k shifted
-  multiply-adds of strided slices (one fused elementwise loop, forward and backward).
+  multiply-adds of strided slices (one fused elementwise loop, forward and backward);
+  its kernel gradient sums each tap over row x column blocks in one fused add chain
+  before XLA's reduction (`_depthwise_dk`).
 * 1x1 dense convs, backward: XLA:CPU's kernel-gradient convolution is 1.5-2x slower than
   the plain matmul dK = x^T @ g (contraction over N, H', W'), and that matmul is itself
   ~3x slower than a batch of row-block partial products summed afterwards (`_gram`: one
@@ -90,7 +92,7 @@ def depthwise_shifted(x, kernel, stride: int = 1, pad: int = 0):
   equal to `lax_conv2d(x, kernel, stride, pad, groups=C)` up to float summation order.
   Custom gradients keep only x and the kernel for the backward pass (autodiff of the taps
   would store kh*kw shifted copies of x): dx is the same shifted multiply-add on the
-  (stride-dilated) output gradient with the flipped kernel, dk one reduction per tap.
+  (stride-dilated) output gradient with the flipped kernel, dk per tap (`_depthwise_dk`).
   """
   return _depthwise_fwd(x, kernel, stride, pad)[0]
 
@@ -120,11 +122,51 @@ def _depthwise_bwd(stride, pad, res, g):
   kf = kernel.reshape(kh, kw, c)[::-1, ::-1].astype(x.dtype)
   dx = _shifted_macs(gp, kf, 1, h, w)
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
-  acc = jnp.promote_types(x.dtype, jnp.float32)
-  dk = jnp.stack([
-      jnp.sum(_tap(xp, i, j, stride, ho, wo).astype(acc) * g.astype(acc), axis=(0, 1, 2))
-      for i in range(kh) for j in range(kw)]).reshape(kernel.shape).astype(kernel.dtype)
+  dk = _depthwise_dk(xp, g, stride, kh, kw).reshape(kernel.shape).astype(kernel.dtype)
   return dx, dk
+
+
+# Row x column blocks of the depthwise kernel gradient's partial sums (see `_depthwise_dk`).
+DK_BLOCKS = (8, 4)
+
+
+def _blocks(size, count):
+  """`count` contiguous blocks of `size` (at most; fewer when size < count), each of
+  ceil(size / count) rows but the last: -> (block length, [(start, length)])."""
+  step = -(-size // count)
+  return step, [(a, min(step, size - a)) for a in range(0, size, step)]
+
+
+def _depthwise_dk(xp, g, stride, kh, kw):
+  """Depthwise kernel gradient: xp [N, Hp, Wp, C] padded input, g [N, ho, wo, C] ->
+  [kh * kw, C] = sum over N, y, x of xp[:, i + s*y, j + s*x] * g, taps row-major.
+
+  XLA:CPU does not fuse a product into a reduction over major dimensions, so
+  `sum(tap * g, axis=(0, 1, 2))` writes every tap product out before summing it. Here each
+  tap is first summed over DK_BLOCKS row x column blocks of the map as one elementwise
+  add chain (one fused loop that reads x and g once and writes 1/32 of the map), and only
+  those partial sums (stacked over the taps) go through XLA's reduction.
+  """
+  n, ho, wo, c = g.shape
+  acc = jnp.promote_types(xp.dtype, jnp.float32)
+  hb, rows = _blocks(ho, DK_BLOCKS[0])
+  wb, cols = _blocks(wo, DK_BLOCKS[1])
+  parts = []
+  for i in range(kh):
+    for j in range(kw):
+      part = None
+      for y0, yn in rows:
+        for x0, xn in cols:
+          t = jax.lax.slice(xp, (0, i + stride * y0, j + stride * x0, 0),
+                            (n, i + stride * (y0 + yn - 1) + 1,
+                             j + stride * (x0 + xn - 1) + 1, c), (1, stride, stride, 1))
+          p = t.astype(acc) * jax.lax.slice(g, (0, y0, x0, 0),
+                                            (n, y0 + yn, x0 + xn, c)).astype(acc)
+          if (yn, xn) != (hb, wb):  # the short last blocks: zeros after them
+            p = jnp.pad(p, ((0, 0), (0, hb - yn), (0, wb - xn), (0, 0)))
+          part = p if part is None else part + p
+      parts.append(part)
+  return jnp.sum(jnp.stack(parts, axis=3), axis=(0, 1, 2))
 
 
 depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
