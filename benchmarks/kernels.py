@@ -1,6 +1,6 @@
 """Per-op kernel timings: XLA's conv vs the exact rewrites of `ops/kernels.py`.
 
-  python benchmarks/kernels.py [--iters 5] [--grad]
+  python benchmarks/kernels.py [--iters 5] [--grad] [--only SECTION]
 
 Shapes are the biggest of their kind in Lite MobileNetV2 / V-19-slim-DW at the reference's
 864x800 batch-2 input. Prints min wall and min process-CPU seconds per call of each
@@ -121,6 +121,37 @@ def bench_bn_fold(iters):
           f"  folded {t2[0]:.4f}/{t2[1]:.4f} (rel err {err:.1e})", flush=True)
 
 
+def bench_depthwise_dk(iters):
+  """Depthwise 3x3 kernel gradient alone: one reduction per tap, sum(tap * g, (0, 1, 2))
+  (XLA:CPU writes each tap product out first), vs `kernels._depthwise_dk` (block partial
+  sums as one fused add chain per tap, then one reduction)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from centermask_jax.ops import kernels as K
+
+  def per_tap(xp, g, s):
+    ho, wo = g.shape[1:3]
+    return jnp.stack([jnp.sum(K._tap(xp, i, j, s, ho, wo) * g, axis=(0, 1, 2))
+                      for i in range(3) for j in range(3)])
+  for label, n, h, w, c, s in DEPTHWISE:
+    rng = np.random.default_rng(0)
+    xp = jnp.asarray(rng.normal(size=(n, h + 2, w + 2, c)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(n, (h - 1) // s + 1, (w - 1) // s + 1, c)), jnp.float32)
+    row = [f"dk {label:24s} {n}x{h}x{w}x{c} s{s}"]
+    ref = None
+    for name, fn in (("per-tap", per_tap), ("blocked", lambda xp, g, s: K._depthwise_dk(
+        xp, g, s, 3, 3))):
+      f = jax.jit(fn, static_argnums=2)
+      out = f(xp, g, s)
+      ref = out if ref is None else ref
+      err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+      wt, ct = bench(f, (xp, g, s), iters)
+      row.append(f"{name} {wt:.4f}/{ct:.4f}" + (f" (rel err {err:.1e})" if name != "per-tap"
+                                                else ""))
+    print("  ".join(row), flush=True)
+
+
 # (label, N, H, W, Cin, Cout, k, stride)
 DENSE = [
     ("fcos tower P3 3x3", 2, 108, 100, 128, 128, 3, 1),
@@ -161,7 +192,8 @@ def main():
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--grad", action="store_true")
-  ap.add_argument("--only", choices=("depthwise", "nms", "deconv", "bn", "dense"), help="run one section")
+  ap.add_argument("--only", choices=("depthwise", "dk", "nms", "deconv", "bn", "dense"),
+                  help="run one section")
   args = ap.parse_args()
   sys.path.insert(0, REPO)
   import jax
@@ -178,6 +210,8 @@ def main():
     bench_bn_fold(args.iters)
   if args.only in (None, "dense"):
     bench_dense_grad(args.iters)
+  if args.only in (None, "dk"):
+    bench_depthwise_dk(args.iters)
   if args.only not in (None, "depthwise"):
     return
   for label, n, h, w, c, s in DEPTHWISE:
