@@ -1,7 +1,7 @@
 """Top XLA ops by time for inference (`predict`) or the training step, from jax.profiler.
 
   python benchmarks/profile_ops.py --model mv2 [--what predict|train] [--batch 2] [--iters 3]
-      [--top 30] [--by op|source]
+      [--top 30] [--by op|source] [--canvas HxW]
 
 Same models, weights, images and padded shapes as `vs_reference.py` (b1 = img1, b2 = both
 images). The jitted function runs `--iters` times under `jax.profiler`; every executed
@@ -121,6 +121,9 @@ def main():
                        "the reference's two images)")
   ap.add_argument("--depthwise", choices=("lax", "shifted"),
                   help="force this depthwise conv implementation (ops/kernels.py)")
+  ap.add_argument("--canvas", help="HxW (multiples of the size divisibility): crop the "
+                  "padded canvas and the images to it, to profile a big model in less "
+                  "memory (GT boxes are kept as they are: a timing aid, not a real batch)")
   ap.add_argument("--shared", default=os.path.join(os.path.dirname(REPO), "shared"))
   ap.add_argument("--cache", default=os.path.join(os.path.dirname(REPO), "cache"))
   ap.add_argument("--from", dest="from_dir",
@@ -153,6 +156,13 @@ def main():
   sel = [1] if args.batch == 1 else [0, 1]
   div = cfg.input.size_divisibility
   padded = tuple(max(-(-imgs[i][1][a] // div) * div for i in sel) for a in range(2))
+  if args.canvas:
+    padded = tuple(int(v) for v in args.canvas.lower().split("x"))
+    if len(padded) != 2 or any(v <= 0 or v % div for v in padded):
+      sys.exit(f"error: --canvas {args.canvas!r}: want HxW, multiples of {div}")
+    imgs = [(im[0][:padded[0], :padded[1]], tuple(min(v, p) for v, p in zip(im[1], padded)),
+             im[2])
+            for im in imgs]
   x = np.zeros((len(sel), *padded, 3), np.uint8)  # normalised on the device
   for j, i in enumerate(sel):
     h, w = imgs[i][1]
@@ -168,7 +178,7 @@ def main():
     lite_hw = [tuple(int(v) for v in s) for s in np.load(os.path.join(
         args.shared, "fixtures", vr.IMAGES_FIXTURE, "inputs.npz"))["image_sizes"]]
     gt = vr.load_gt(args.shared, lite_hw, [im[1] for im in imgs])
-    batch = {k: jnp.asarray(gt[k]) for k in ("gt_boxes", "gt_classes", "gt_valid",
+    batch = {k: jnp.asarray(np.asarray(gt[k])[sel]) for k in ("gt_boxes", "gt_classes", "gt_valid",
                                               "gt_polys", "gt_poly_len")}
     batch.update(image=jnp.asarray(x), image_hw=image_hw, padded_hw=padded_hw)
     tx = opt_lib.make_optimizer(cfg, variables["params"])
