@@ -125,3 +125,40 @@ def test_deconv2x2_equals_lax_conv_transpose():
   f = lambda fn: jax.grad(lambda *a: jnp.sum(jnp.tanh(fn(*a)) * g), (0, 1, 2))(x, k, b)
   for a, r in zip(f(ours), f(ref)):
     np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+
+
+def _max_pool_grad64(xp, g):
+  """NumPy float64: 3x3 s2 VALID max-pool gradient, each window's g to its first maximal
+  tap in row-major order (PyTorch CPU's rule)."""
+  xp, g = np.asarray(xp, np.float64), np.asarray(g, np.float64)
+  dx = np.zeros_like(xp)
+  n, ho, wo, c = g.shape
+  for b in range(n):
+    for y in range(ho):
+      for x in range(wo):
+        win = xp[b, 2 * y:2 * y + 3, 2 * x:2 * x + 3].reshape(9, c)
+        k = np.argmax(win, axis=0)  # first maximum
+        np.add.at(dx[b], (2 * y + k // 3, 2 * x + k % 3, np.arange(c)), g[b, y, x])
+  return dx
+
+
+@pytest.mark.parametrize("shape,ties", [((2, 9, 12, 5), False), ((1, 10, 7, 3), True),
+                                        ((2, 15, 15, 4), True)])
+def test_max_pool3s2_equals_reduce_window(shape, ties):
+  """layers.max_pool3s2 (taps + custom gradient): forward == XLA's reduce-window max bit for
+  bit; gradient == float64 first-max routing and XLA's reduce-window gradient (with ties
+  from integer inputs and -inf windows, as max_pool_ceil's padding makes)."""
+  import flax.linen as nn
+  from centermask_jax.models import layers as L
+  rng = np.random.default_rng(30)
+  x = rng.integers(0, 3, size=shape) if ties else rng.normal(size=shape)
+  x = x.astype(np.float32)
+  x[:, -2:, -3:] = -np.inf
+  xp = jnp.asarray(x)
+  ref_fn = lambda a: nn.max_pool(a, (3, 3), strides=(2, 2), padding="VALID")
+  ref = ref_fn(xp)
+  np.testing.assert_array_equal(L.max_pool3s2(xp), ref)
+  g = _rand(ref.shape, 31)
+  got = jax.vjp(L.max_pool3s2, xp)[1](g)[0]
+  np.testing.assert_allclose(got, _max_pool_grad64(xp, g), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got, jax.vjp(ref_fn, xp)[1](g)[0], rtol=1e-6, atol=1e-6)

@@ -132,10 +132,55 @@ def max_pool_ceil(x, mask=None):
     x = jnp.where(mask > 0, x, -jnp.inf)
   pad_h = 1 if x.shape[1] % 2 == 0 else 0
   pad_w = 1 if x.shape[2] % 2 == 0 else 0
-  y = nn.max_pool(jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
-                          constant_values=-jnp.inf),
-                  (3, 3), strides=(2, 2), padding="VALID")
+  y = max_pool3s2(jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
+                         constant_values=-jnp.inf))
   return _zero_neg_inf(y)
+
+
+def _pool_tap(xp, i, j, ho, wo):
+  n, _, _, c = xp.shape
+  return jax.lax.slice(xp, (0, i, j, 0), (n, i + 2 * (ho - 1) + 1, j + 2 * (wo - 1) + 1, c),
+                       (1, 2, 2, 1))
+
+
+@jax.custom_vjp
+def max_pool3s2(xp):
+  """3x3 stride-2 VALID max-pool as 9 strided taps: xp [N, Hp, Wp, C] -> [N, ho, wo, C].
+
+  Gradient: to the first maximal tap of each window in row-major order (PyTorch's CPU
+  rule), placed back by 9 strided pads in one fused loop; XLA's reduce-window gradient
+  (select-and-scatter) kept several int32 index maps of the input's size live."""
+  return _max_pool3s2_fwd(xp)[0]
+
+
+def _max_pool3s2_fwd(xp):
+  ho, wo = (xp.shape[1] - 3) // 2 + 1, (xp.shape[2] - 3) // 2 + 1
+  y = None
+  for i in range(3):
+    for j in range(3):
+      t = _pool_tap(xp, i, j, ho, wo)
+      y = t if y is None else jnp.maximum(y, t)
+  return y, (xp, y)
+
+
+def _max_pool3s2_bwd(res, g):
+  xp, y = res
+  hp, wp = xp.shape[1:3]
+  ho, wo = y.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  left, dxp = g, None
+  for i in range(3):
+    for j in range(3):
+      hit = _pool_tap(xp, i, j, ho, wo) == y
+      t = jnp.where(hit, left, zero)
+      left = jnp.where(hit, zero, left)  # taken: later equal taps get nothing
+      t = jax.lax.pad(t, zero, ((0, 0, 0), (i, hp - i - 2 * (ho - 1) - 1, 1),
+                                (j, wp - j - 2 * (wo - 1) - 1, 1), (0, 0, 0)))
+      dxp = t if dxp is None else dxp + t
+  return (dxp,)
+
+
+max_pool3s2.defvjp(_max_pool3s2_fwd, _max_pool3s2_bwd)
 
 
 def _zero_neg_inf(y):
