@@ -1,4 +1,5 @@
 """Test setup: 4 host CPU devices (set before JAX is imported anywhere)."""
+import contextlib
 import os
 import pathlib
 
@@ -88,11 +89,84 @@ def pytest_configure(config):
     config.option.loadscopereorder = False
 
 
+# Handed out before every other file: its exclusive section (two training processes) then
+# runs while the other worker is fresh, holding no compiled programs (suite memory).
+FIRST_FILES = ("test_distributed.py",)
+
+
 def pytest_collection_modifyitems(session, config, items):
   order = {}
   for it in items:
     order.setdefault(it.path.name, len(order))
-  items.sort(key=lambda it: (-FILE_SECONDS.get(it.path.name, 0), order[it.path.name]))
+  items.sort(key=lambda it: (it.path.name not in FIRST_FILES,
+                             -FILE_SECONDS.get(it.path.name, 0), order[it.path.name]))
+
+
+class _Gate:
+  """Cross-worker gate of one pytest-xdist run (flock on two files in the temp dir): every
+  test holds `main` shared; an exclusive section takes the `turnstile` (so that no worker
+  starts another test) and then `main` exclusively (waiting for the running tests to end)."""
+
+  def __init__(self, run_id: str):
+    import tempfile
+    base = os.path.join(tempfile.gettempdir(), f"centermask_tests_{run_id}")
+    self.turnstile = os.open(base + ".turnstile", os.O_RDWR | os.O_CREAT, 0o600)
+    self.main = os.open(base + ".main", os.O_RDWR | os.O_CREAT, 0o600)
+
+
+_GATE = []
+
+
+def _gate():
+  """The run's gate, or None outside pytest-xdist (one process: nothing to wait for)."""
+  run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  if not run_id:
+    return None
+  if not _GATE:
+    _GATE.append(_Gate(run_id))
+  return _GATE[0]
+
+
+@pytest.fixture(autouse=True)
+def _yield_to_exclusive_sections():
+  """Each test waits while another worker is inside `exclusive()`, first dropping its
+  compiled programs (the section needs the memory), and holds the gate shared while it runs."""
+  import fcntl
+  gate = _gate()
+  if gate is None:
+    yield
+    return
+  try:
+    fcntl.flock(gate.turnstile, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    _drop_programs()
+    fcntl.flock(gate.turnstile, fcntl.LOCK_EX)
+  fcntl.flock(gate.turnstile, fcntl.LOCK_UN)
+  fcntl.flock(gate.main, fcntl.LOCK_SH)
+  try:
+    yield
+  finally:
+    fcntl.flock(gate.main, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def exclusive():
+  """Within the block no other worker runs a test (it waits at its next one): for a test
+  whose subprocesses need every core and most of the suite's memory budget."""
+  import fcntl
+  gate = _gate()
+  if gate is None:
+    yield
+    return
+  fcntl.flock(gate.turnstile, fcntl.LOCK_EX)
+  try:
+    fcntl.flock(gate.main, fcntl.LOCK_EX)  # converts this test's shared hold
+    try:
+      yield
+    finally:
+      fcntl.flock(gate.main, fcntl.LOCK_SH)
+  finally:
+    fcntl.flock(gate.turnstile, fcntl.LOCK_UN)
 
 
 def _rss_kib() -> int:
@@ -100,24 +174,58 @@ def _rss_kib() -> int:
     return int(f.read().split()[1]) * (os.sysconf("SC_PAGE_SIZE") // 1024)
 
 
+def _peak_kib() -> int:
+  """VmHWM: this process's peak RSS since start or since the last `_reset_peak()`."""
+  with open("/proc/self/status") as f:
+    return int(next(l for l in f if l.startswith("VmHWM:")).split()[1])
+
+
+def _reset_peak():
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+  except OSError:
+    pass
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
   """With CENTERMASK_TEST_RSS_LOG=DIR: one line per test to DIR/rss.<pid>.tsv (nodeid, wall s,
-  process CPU s, RSS after, peak RSS so far, peak RSS of finished subprocesses; KiB), to
-  find which tests set the suite's time and memory peaks. Off by default."""
+  process CPU s, RSS after, peak RSS during the test (set-up and tear-down included), peak
+  RSS of the largest finished subprocess so far; KiB), to find which tests set the suite's
+  time and memory peaks. Off by default."""
   log_dir = os.environ.get("CENTERMASK_TEST_RSS_LOG")
   if not log_dir:
     yield
     return
   import resource
   import time
+  _reset_peak()
   t0, c0 = time.perf_counter(), time.process_time()
   yield
-  me = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   with open(os.path.join(log_dir, f"rss.{os.getpid()}.tsv"), "a") as f:
     f.write(f"{item.nodeid}\t{time.perf_counter() - t0:.1f}\t{time.process_time() - c0:.1f}"
-            f"\t{_rss_kib()}\t{me}\t{kids}\n")
+            f"\t{_rss_kib()}\t{_peak_kib()}\t{kids}\n")
+
+
+def _drop_programs():
+  """jax's compiled executables and traces dropped, freed heap back to the OS."""
+  import gc
+  from centermask_jax import parallel
+  jax.clear_caches()
+  gc.collect()
+  parallel.release_host_memory()
+
+
+@pytest.fixture(autouse=True)
+def _drop_programs_after_last_use(request):
+  """`@pytest.mark.drop_programs` on a test: its programs (and those of the tests before it
+  in the file) are not used again, so they are dropped after it instead of at the end of the
+  module; a file's held programs then stay those of one group of tests (suite memory)."""
+  yield
+  if request.node.get_closest_marker("drop_programs"):
+    _drop_programs()
 
 
 @pytest.fixture(autouse=True)
@@ -138,8 +246,4 @@ def _release_compiled_programs():
   whole process otherwise) and hand freed heap back to the OS, so the suite's memory stays
   that of its largest module rather than the sum of all of them."""
   yield
-  import gc
-  from centermask_jax import parallel
-  jax.clear_caches()
-  gc.collect()
-  parallel.release_host_memory()
+  _drop_programs()

@@ -61,6 +61,7 @@ DEEPER_TWINS = {"centermask_V_57_eSE_FPN_ms_3x", "centermask_V_99_eSE_FPN_ms_3x"
                 "centermask_R_101_FPN_ms_3x"}
 
 
+@pytest.mark.drop_programs  # one config's programs each
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])
 def test_forward_small_image(path):
   if (os.path.basename(path)[:-3] in DEEPER_TWINS
@@ -68,7 +69,7 @@ def test_forward_small_image(path):
     pytest.skip("deeper twin of a tested config; CENTERMASK_JAX_SLOW_TESTS=1 runs it")
   cfg = load_config(path)
   model = CenterMask(cfg)
-  variables = model.init(jax.random.PRNGKey(0), (128, 128))
+  variables = jax.jit(model.init, static_argnums=1)(jax.random.PRNGKey(0), (128, 128))
   images = jax.random.normal(jax.random.PRNGKey(1), (1, 128, 128, 3)) * 50
   out = jax.jit(model.predict)(variables, images, jnp.array([[100, 120]]),
                                jnp.array([[128, 128]]))

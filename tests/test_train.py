@@ -124,6 +124,34 @@ def _one_update_step_per_config():
     yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_init_program_per_config():
+  """`CenterMask.init` in this module: one compiled program per (config, canvas), its
+  variables kept as NumPy per rng. Eager init compiles every layer's ops one by one (~30 s
+  of CPU for the tiny model), and those per-op programs would be compiled again after each
+  `drop_programs` test; here `setup`, the trainer runs and the ImageNet-init test all get
+  their variables from this cache (so they agree bit for bit, as before)."""
+  real = CenterMask.init
+  programs, made = {}, {}
+
+  def init(self, rng, canvas_hw=(128, 128)):
+    try:
+      rng_bytes = np.asarray(jax.random.key_data(rng)).tobytes()
+    except jax.errors.TracerArrayConversionError:  # traced: the trainer's eval_shape on resume
+      return real(self, rng, canvas_hw)
+    cfg = self.config.to_json_best_effort(sort_keys=True)
+    key = (cfg, tuple(canvas_hw), rng_bytes)
+    if key not in made:
+      if (cfg, tuple(canvas_hw)) not in programs:
+        programs[cfg, tuple(canvas_hw)] = jax.jit(lambda r: real(self, r, tuple(canvas_hw)))
+      made[key] = jax.tree_util.tree_map(np.asarray, programs[cfg, tuple(canvas_hw)](rng))
+    return jax.tree_util.tree_map(np.copy, made[key])
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(CenterMask, "init", init)
+    yield
+
+
 @pytest.fixture(scope="module")
 def setup():
   c = tiny_config()
@@ -153,6 +181,38 @@ def _loss_and_grads(c, model, v, batch, devices):
   return float(tot[0]), jax.tree_util.tree_map(lambda x: np.asarray(x[0]), g)
 
 
+def test_init_from_imagenet_backbone_checkpoint(setup, tmp_path):
+  """config.weights = an ImageNet backbone .pkl (bare VoVNet keys + a classifier): the
+  bottom-up params come from the file, everything else is the fresh init; a checkpoint
+  with a wrong shape is refused by name."""
+  import pickle
+  from centermask_jax.checkpoints import official
+  c, model, v = setup
+  other = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(42), (128, 128)))
+  sd = official.export_state_dict(other)
+  prefix = "backbone.bottom_up."
+  bare = {k[len(prefix):]: val for k, val in sd.items() if k.startswith(prefix)}
+  bare["classifier.weight"] = np.ones((10, 512), np.float32)
+  path = tmp_path / "imagenet.pkl"
+  path.write_bytes(pickle.dumps({"model": bare}))
+  c = tiny_config()
+  c.weights = str(path)
+  got = trainer.init_variables(model, c, jax.random.PRNGKey(0))
+  bu_got, bu_src = got["params"]["backbone"]["bottom_up"], other["params"]["backbone"]["bottom_up"]
+  for a, b in zip(jax.tree_util.tree_leaves(bu_got), jax.tree_util.tree_leaves(bu_src)):
+    np.testing.assert_array_equal(a, b)
+  for part in ("proposal_generator.fcos_head", "roi_heads.mask_head"):
+    for a, b in zip(jax.tree_util.tree_leaves(got["params"][part]),
+                    jax.tree_util.tree_leaves(v["params"][part])):
+      np.testing.assert_array_equal(a, b)
+  key = next(k for k in bare if k.endswith("/conv.weight"))
+  bare[key] = bare[key][:, :1]
+  path.write_bytes(pickle.dumps({"model": bare}))
+  with pytest.raises(official.CheckpointMismatchError, match=key.replace("/", ".")[:20]):
+    trainer.init_variables(model, c, jax.random.PRNGKey(0))
+
+
+@pytest.mark.drop_programs
 def test_four_devices_match_one(setup):
   """With train.mask_loss_norm = "global" every normaliser is an all-device count: the
   averaged gradient does not depend on how the batch is split over devices."""
@@ -196,6 +256,32 @@ def test_default_mask_losses_are_per_device_means(setup, loss_one_device):
   assert len(set(num_fg)) > 1, num_fg
 
 
+@pytest.mark.drop_programs
+def test_bf16_compute_keeps_fp32_master_params(setup, loss_one_device):
+  """train.bf16: bf16 forward/backward, float32 params and optimiser state; the loss is
+  close to the float32 loss on the same batch and the update moves the params."""
+  c, model, v = setup
+  c16 = tiny_config()
+  c16.train.bf16 = True
+  batch = jax.tree_util.tree_map(lambda x: x[:1], make_batch(1, 7))
+  _, aux32 = loss_one_device(v["params"], v["frozen_bn"], batch, jax.random.PRNGKey(0))
+  tx = O.make_optimizer(c16, v["params"])
+  p_step = S.make_train_step(model, c16, tx, O.lr_schedule(c16), devices=jax.local_devices()[:1])
+  state = parallel.replicate(S.init_state(v["params"], v["frozen_bn"], tx),
+                             jax.local_devices()[:1])
+  state, m = p_step(state, split(batch, 1), jax.random.PRNGKey(0))
+  assert np.isfinite(float(m["total_loss"][0]))
+  for k in ("loss_fcos_cls", "loss_fcos_loc", "loss_mask"):  # the step's (bf16) losses
+    np.testing.assert_allclose(float(m[k][0]), float(aux32[k]), rtol=5e-2, err_msg=k)
+  assert float(m["loss_fcos_cls"][0]) != float(aux32["loss_fcos_cls"])  # bf16 really used
+  leaves = jax.tree_util.tree_leaves(state["params"]) + jax.tree_util.tree_leaves(
+      state["opt_state"])
+  assert all(x.dtype != jnp.bfloat16 for x in leaves)
+  moved = max(float(np.max(np.abs(np.asarray(a[0]) - b))) for a, b in zip(
+      jax.tree_util.tree_leaves(state["params"]), jax.tree_util.tree_leaves(v["params"])))
+  assert moved > 0 and np.isfinite(float(m["total_loss"][0]))
+
+
 def test_resume_is_exact_and_no_recompile(setup, tmp_path):
   c = setup[0]
   full = trainer.train_and_evaluate(c, str(tmp_path / "a"), FakeIterator(4, 1), num_steps=6,
@@ -223,6 +309,20 @@ def test_resume_is_exact_and_no_recompile(setup, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.drop_programs
+def test_nan_loss_stops_with_step(setup, tmp_path):
+  """Metrics reach the host only at log / checkpoint steps (log_every 10 here), yet the
+  error names the first bad step (5) and nothing is saved after it (no checkpoint 6)."""
+  c = tiny_config()
+  c.train.log_every = 10
+  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 5 .*Last good checkpoint: "
+                     r".*checkpoints/3"):
+    trainer.train_and_evaluate(c, str(tmp_path / "n"), FakeIterator(4, 1, nan_at=5),
+                               num_steps=6, async_checkpoints=False, quiet=True)
+  from centermask_jax.checkpoints import workdir as ckpt_workdir
+  assert sorted(os.listdir(ckpt_workdir.checkpoint_dir(str(tmp_path / "n")))) == ["3"]
+
+
 def test_step_does_not_recompile(setup):
   c, model, v = setup
   tx = O.make_optimizer(c, v["params"])
@@ -241,6 +341,7 @@ def test_step_does_not_recompile(setup):
   assert np.isfinite(float(m2["total_loss"][0])) and float(m2["lr"][0]) > float(m1["lr"][0])
 
 
+@pytest.mark.drop_programs
 def test_shard_map_step_equals_pmap_step(setup):
   """jit(shard_map) variant of the update: the same params as the pmap step after 2 steps
   on 4 devices, and its second step does not recompile."""
@@ -267,19 +368,6 @@ def test_shard_map_step_equals_pmap_step(setup):
   assert max(float(np.max(np.abs(a - b))) for a, b in zip(want, start)) > 1e-6
   for a, b in zip(got, want):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_nan_loss_stops_with_step(setup, tmp_path):
-  """Metrics reach the host only at log / checkpoint steps (log_every 10 here), yet the
-  error names the first bad step (5) and nothing is saved after it (no checkpoint 6)."""
-  c = tiny_config()
-  c.train.log_every = 10
-  with pytest.raises(trainer.NonFiniteLossError, match=r"at step 5 .*Last good checkpoint: "
-                     r".*checkpoints/3"):
-    trainer.train_and_evaluate(c, str(tmp_path / "n"), FakeIterator(4, 1, nan_at=5),
-                               num_steps=6, async_checkpoints=False, quiet=True)
-  from centermask_jax.checkpoints import workdir as ckpt_workdir
-  assert sorted(os.listdir(ckpt_workdir.checkpoint_dir(str(tmp_path / "n")))) == ["3"]
 
 
 def test_schedule_and_decay_masks(setup):
@@ -395,62 +483,6 @@ def test_clip_grad_norm_scales_the_global_gradient():
     O.make_optimizer(c, params)
 
 
-def test_bf16_compute_keeps_fp32_master_params(setup, loss_one_device):
-  """train.bf16: bf16 forward/backward, float32 params and optimiser state; the loss is
-  close to the float32 loss on the same batch and the update moves the params."""
-  c, model, v = setup
-  c16 = tiny_config()
-  c16.train.bf16 = True
-  batch = jax.tree_util.tree_map(lambda x: x[:1], make_batch(1, 7))
-  _, aux32 = loss_one_device(v["params"], v["frozen_bn"], batch, jax.random.PRNGKey(0))
-  tx = O.make_optimizer(c16, v["params"])
-  p_step = S.make_train_step(model, c16, tx, O.lr_schedule(c16), devices=jax.local_devices()[:1])
-  state = parallel.replicate(S.init_state(v["params"], v["frozen_bn"], tx),
-                             jax.local_devices()[:1])
-  state, m = p_step(state, split(batch, 1), jax.random.PRNGKey(0))
-  assert np.isfinite(float(m["total_loss"][0]))
-  for k in ("loss_fcos_cls", "loss_fcos_loc", "loss_mask"):  # the step's (bf16) losses
-    np.testing.assert_allclose(float(m[k][0]), float(aux32[k]), rtol=5e-2, err_msg=k)
-  assert float(m["loss_fcos_cls"][0]) != float(aux32["loss_fcos_cls"])  # bf16 really used
-  leaves = jax.tree_util.tree_leaves(state["params"]) + jax.tree_util.tree_leaves(
-      state["opt_state"])
-  assert all(x.dtype != jnp.bfloat16 for x in leaves)
-  moved = max(float(np.max(np.abs(np.asarray(a[0]) - b))) for a, b in zip(
-      jax.tree_util.tree_leaves(state["params"]), jax.tree_util.tree_leaves(v["params"])))
-  assert moved > 0 and np.isfinite(float(m["total_loss"][0]))
-
-
-def test_init_from_imagenet_backbone_checkpoint(setup, tmp_path):
-  """config.weights = an ImageNet backbone .pkl (bare VoVNet keys + a classifier): the
-  bottom-up params come from the file, everything else is the fresh init; a checkpoint
-  with a wrong shape is refused by name."""
-  import pickle
-  from centermask_jax.checkpoints import official
-  c, model, v = setup
-  other = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(42), (128, 128)))
-  sd = official.export_state_dict(other)
-  prefix = "backbone.bottom_up."
-  bare = {k[len(prefix):]: val for k, val in sd.items() if k.startswith(prefix)}
-  bare["classifier.weight"] = np.ones((10, 512), np.float32)
-  path = tmp_path / "imagenet.pkl"
-  path.write_bytes(pickle.dumps({"model": bare}))
-  c = tiny_config()
-  c.weights = str(path)
-  got = trainer.init_variables(model, c, jax.random.PRNGKey(0))
-  bu_got, bu_src = got["params"]["backbone"]["bottom_up"], other["params"]["backbone"]["bottom_up"]
-  for a, b in zip(jax.tree_util.tree_leaves(bu_got), jax.tree_util.tree_leaves(bu_src)):
-    np.testing.assert_array_equal(a, b)
-  for part in ("proposal_generator.fcos_head", "roi_heads.mask_head"):
-    for a, b in zip(jax.tree_util.tree_leaves(got["params"][part]),
-                    jax.tree_util.tree_leaves(v["params"][part])):
-      np.testing.assert_array_equal(a, b)
-  key = next(k for k in bare if k.endswith("/conv.weight"))
-  bare[key] = bare[key][:, :1]
-  path.write_bytes(pickle.dumps({"model": bare}))
-  with pytest.raises(official.CheckpointMismatchError, match=key.replace("/", ".")[:20]):
-    trainer.init_variables(model, c, jax.random.PRNGKey(0))
-
-
 def test_device_prefetch_keeps_order_state_and_layout():
   """DevicePrefetch: same batches in order, already laid out as pmap's inputs, and
   get_state() = the position of the next batch it yields (checkpoints resume exactly)."""
@@ -469,6 +501,7 @@ def test_device_prefetch_keeps_order_state_and_layout():
   assert p.get_state() == {"step": 6}
 
 
+@pytest.mark.drop_programs
 def test_fg_slot_bucket_equals_the_full_slot_count(setup):
   """The mask branch on a slot bucket holding the real foreground count (what
   step.FgSlotPicker picks) keeps the same foreground RoIs and mask targets (exact) and gives
