@@ -147,6 +147,16 @@ def release_host_memory() -> bool:
     return False
 
 
+def drop_compiled_programs():
+  """Drops jax's compiled executables and traces (`jax.clear_caches`) and hands the freed
+  heap back to the OS: for a point after which the programs compiled so far are not run
+  again (they would be compiled anew). Changes no computation."""
+  import gc
+  jax.clear_caches()
+  gc.collect()
+  release_host_memory()
+
+
 def compile_ahead(fn, *args):
   """fn.lower(*args).compile(), then `release_host_memory()`: a step compiled before its
   first run, so the heap the compiler frees goes back to the OS before the step allocates

@@ -210,12 +210,8 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def _drop_programs():
-  """jax's compiled executables and traces dropped, freed heap back to the OS."""
-  import gc
   from centermask_jax import parallel
-  jax.clear_caches()
-  gc.collect()
-  parallel.release_host_memory()
+  parallel.drop_compiled_programs()
 
 
 @pytest.fixture(autouse=True)

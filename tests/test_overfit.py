@@ -94,13 +94,22 @@ def overfit_config(data_dir, num_classes):
   return c
 
 
-def test_tiny_model_overfits_four_real_images_and_evaluates(tiny_coco, tmp_path):
+def test_tiny_model_overfits_four_real_images_and_evaluates(tiny_coco, tmp_path, monkeypatch):
   data_dir, sub, out = prepare_four(tiny_coco, tmp_path)
   assert len(sub["images"]) == 4
   assert "split=train images=4 " in out
   c = overfit_config(data_dir, len(sub["categories"]))
   workdir = str(tmp_path / "run")
+  events = []  # the update programs are dropped before the final evaluation compiles its own
+  from centermask_jax import parallel
+  from centermask_jax.evaluation import evaluator as ev_lib
+  drop, evaluator = parallel.drop_compiled_programs, ev_lib.Evaluator
+  monkeypatch.setattr(parallel, "drop_compiled_programs",
+                      lambda: (events.append("drop"), drop())[1])
+  monkeypatch.setattr(ev_lib, "Evaluator", lambda *a, **k: (events.append("evaluator"),
+                                                             evaluator(*a, **k))[1])
   res = trainer.train_and_evaluate(c, workdir, async_checkpoints=False, quiet=True)
+  assert events == ["drop", "evaluator"], events
 
   hist = res["loss_history"]
   assert res["step"] == STEPS and len(hist) == STEPS

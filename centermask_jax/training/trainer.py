@@ -466,6 +466,12 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
       if evaluate:
         if bar is not None:
           bar.clear()
+        if step == end and evaluation.evaluator is None:
+          # The run's only evaluation, after its last step: the update programs are not
+          # run again, so they go before the evaluation compiles its own (peak host
+          # memory = the larger of training and evaluation, not their sum).
+          executables.clear()
+          parallel.drop_compiled_programs()
         evaluation.run(step, rstate)
       if logging_step or save or evaluate:
         restart_window()
