@@ -62,12 +62,14 @@ DEEPER_TWINS = {"centermask_V_57_eSE_FPN_ms_3x", "centermask_V_99_eSE_FPN_ms_3x"
 
 
 def _forward_params():
-  """The configs, each full-size one marked `drop_programs`: its programs share little with
-  the next config's, while the FPN-128 Lite configs share most of their eager init's per-op
-  programs (dropping after each of them too: 326 CPU s for these tests, on a loaded
-  machine, against 187 s without drops on a quiet one)."""
-  return [pytest.param(p, marks=() if os.path.basename(p).startswith("centermask_lite_")
-                       else pytest.mark.drop_programs) for p in CONFIGS]
+  """The configs, marked `drop_programs` except the Lite V-19 ones before another Lite V-19:
+  those share most of their eager init's per-op programs (dropping after every config made
+  these tests markedly slower), the others little."""
+  names = [os.path.basename(p)[:-3] for p in CONFIGS]
+  keep = lambda i: (names[i].startswith("centermask_lite_V_19") and i + 1 < len(names)  # noqa: E731
+                    and names[i + 1].startswith("centermask_lite_V_19"))
+  return [pytest.param(p, marks=() if keep(i) else pytest.mark.drop_programs)
+          for i, p in enumerate(CONFIGS)]
 
 
 @pytest.mark.parametrize("path", _forward_params(), ids=lambda p: os.path.basename(p)[:-3])
