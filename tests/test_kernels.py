@@ -36,13 +36,12 @@ def test_depthwise_shifted_equals_lax_conv(n, h, w, c, k, s, p):
   np.testing.assert_allclose(gk, gk_ref, rtol=1e-4, atol=1e-4)
 
 
-
 @pytest.mark.parametrize("n,h,w,c,k,s", [(2, 37, 29, 3, 3, 1), (1, 23, 41, 5, 3, 2),
                                          (1, 5, 3, 4, 3, 1), (2, 17, 19, 2, 5, 2)])
 def test_depthwise_dk_blocks_equal_float64_sum(n, h, w, c, k, s):
   """The blocked kernel gradient (row x column block partial sums, short last blocks, more
   blocks than rows) == sum over N, y, x of tap * g in float64."""
-  xp, g = _rand((n, h, w, c), 20), None
+  xp = _rand((n, h, w, c), 20)
   ho, wo = (h - k) // s + 1, (w - k) // s + 1
   g = _rand((n, ho, wo, c), 21)
   got = K._depthwise_dk(xp, g, s, k, k)
@@ -51,6 +50,7 @@ def test_depthwise_dk_blocks_equal_float64_sum(n, h, w, c, k, s):
                          axis=(0, 1, 2)) for i in range(k) for j in range(k)])
   assert got.shape == (k * k, c)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
 
 def test_conv2d_dispatch():
   """conv2d picks the rewrite only for depthwise convs; both impls agree through it."""

@@ -137,12 +137,6 @@ def max_pool_ceil(x, mask=None):
   return _zero_neg_inf(y)
 
 
-def _pool_tap(xp, i, j, ho, wo):
-  n, _, _, c = xp.shape
-  return jax.lax.slice(xp, (0, i, j, 0), (n, i + 2 * (ho - 1) + 1, j + 2 * (wo - 1) + 1, c),
-                       (1, 2, 2, 1))
-
-
 @jax.custom_vjp
 def max_pool3s2(xp):
   """3x3 stride-2 VALID max-pool as 9 strided taps: xp [N, Hp, Wp, C] -> [N, ho, wo, C].
@@ -158,7 +152,7 @@ def _max_pool3s2_fwd(xp):
   y = None
   for i in range(3):
     for j in range(3):
-      t = _pool_tap(xp, i, j, ho, wo)
+      t = kernels._tap(xp, i, j, 2, ho, wo)
       y = t if y is None else jnp.maximum(y, t)
   return y, (xp, y)
 
@@ -171,7 +165,7 @@ def _max_pool3s2_bwd(res, g):
   left, dxp = g, None
   for i in range(3):
     for j in range(3):
-      hit = _pool_tap(xp, i, j, ho, wo) == y
+      hit = kernels._tap(xp, i, j, 2, ho, wo) == y
       t = jnp.where(hit, left, zero)
       left = jnp.where(hit, zero, left)  # taken: later equal taps get nothing
       t = jax.lax.pad(t, zero, ((0, 0, 0), (i, hp - i - 2 * (ho - 1) - 1, 1),
