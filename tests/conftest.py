@@ -192,8 +192,8 @@ def _reset_peak():
 def pytest_runtest_protocol(item, nextitem):
   """With CENTERMASK_TEST_RSS_LOG=DIR: one line per test to DIR/rss.<pid>.tsv (nodeid, wall s,
   process CPU s, RSS after, peak RSS during the test (set-up and tear-down included), peak
-  RSS of the largest finished subprocess so far; KiB), to find which tests set the suite's
-  time and memory peaks. Off by default."""
+  RSS of the largest finished subprocess so far; KiB; start time, Unix s), to find which
+  tests set the suite's time and memory peaks. Off by default."""
   log_dir = os.environ.get("CENTERMASK_TEST_RSS_LOG")
   if not log_dir:
     yield
@@ -201,12 +201,13 @@ def pytest_runtest_protocol(item, nextitem):
   import resource
   import time
   _reset_peak()
+  start = time.time()
   t0, c0 = time.perf_counter(), time.process_time()
   yield
   kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   with open(os.path.join(log_dir, f"rss.{os.getpid()}.tsv"), "a") as f:
     f.write(f"{item.nodeid}\t{time.perf_counter() - t0:.1f}\t{time.process_time() - c0:.1f}"
-            f"\t{_rss_kib()}\t{_peak_kib()}\t{kids}\n")
+            f"\t{_rss_kib()}\t{_peak_kib()}\t{kids}\t{start:.1f}\n")
 
 
 def _drop_programs():

@@ -27,9 +27,8 @@ def main():
   from flax import traverse_util
 
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from test_train import FakeIterator, jit_init_variables, split, make_batch, tiny_config
+  from test_train import FakeIterator, split, make_batch, tiny_config
   from centermask_jax.training import trainer
-  trainer.init_variables = jit_init_variables  # as the test's one-process reference run
 
   class Shard(FakeIterator):
     """This process's rows of the global batch of FakeIterator(global devices, 1)."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from centermask_jax.training import trainer
 from conftest import TINY_COCO, exclusive
-from test_train import FakeIterator, jit_init_variables, tiny_config
+from test_train import FakeIterator, tiny_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -69,7 +69,6 @@ def test_two_processes_end_with_identical_params(tmp_path, monkeypatch):
     assert set(metrics) == {"bbox", "segm"}
 
   # Same global batches on one process with 2 local devices (initialised as the workers).
-  monkeypatch.setattr(trainer, "init_variables", jit_init_variables)
   c = tiny_config()
   c.train.global_batch = 2
   ref = trainer.train_and_evaluate(c, str(tmp_path / "single"), FakeIterator(2, 1), num_steps=2,

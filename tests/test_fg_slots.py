@@ -13,7 +13,7 @@ from centermask_jax.models.centermask import CenterMask
 from centermask_jax.training import optimizer as O
 from centermask_jax.training import step as S
 from centermask_jax.training import trainer
-from test_train import FakeIterator, jit_init_variables, make_batch, tiny_config
+from test_train import FakeIterator, make_batch, tiny_config
 
 
 def test_picker_policy_and_state():
@@ -72,7 +72,6 @@ def test_trainer_reruns_an_overflowing_step_and_checkpoints_the_history(tmp_path
       return new, m
     return run
   monkeypatch.setattr(S, "make_train_step", recording)
-  monkeypatch.setattr(trainer, "init_variables", jit_init_variables)  # init: not tested here
   c = tiny_config()
   c.optim.max_iter = 2
   c.train.eval_every = -1

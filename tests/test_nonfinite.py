@@ -9,7 +9,7 @@ import pytest
 
 from centermask_jax.checkpoints import workdir as checkpointing
 from centermask_jax.training import guard as G, step as S, trainer
-from test_train import FakeIterator, jit_init_variables, tiny_config
+from test_train import FakeIterator, tiny_config
 
 
 def _issue_config():
@@ -31,7 +31,6 @@ def _saved_states(workdir):
 
 
 def test_huge_lr_adamw_never_saves_nonfinite_state(tmp_path, monkeypatch):
-  monkeypatch.setattr(trainer, "init_variables", jit_init_variables)  # init: not tested here
   wd = str(tmp_path / "w")
   with pytest.raises(trainer.NonFiniteLossError) as e:
     trainer.train_and_evaluate(_issue_config(), wd, FakeIterator(4, 1), num_steps=6,

@@ -65,16 +65,6 @@ def make_batch(n, seed, hw=128):
 split = parallel.shard_batch
 
 
-def jit_init_variables(model, config, rng):
-  """`trainer.init_variables` for a config without `weights`, as one compiled program: the
-  eager init compiles each layer's ops one by one (tiny model in a fresh process: ~33 s of
-  CPU, compiled ~15 s). For runs that compare params only with runs initialised the same
-  way (tests/test_distributed.py, tests/dist_worker.py)."""
-  assert not config.get("weights")
-  return jax.tree_util.tree_map(np.asarray,
-                                jax.jit(model.init, static_argnums=1)(rng, (128, 128)))
-
-
 class FakeIterator:
   """Deterministic batches as a pure function of the step (like the data pipeline)."""
 
@@ -126,29 +116,23 @@ def _one_update_step_per_config():
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_init_program_per_config():
-  """`CenterMask.init` in this module: one compiled program per (config, canvas), its
-  variables kept as NumPy per rng. Eager init compiles every layer's ops one by one (~30 s
-  of CPU for the tiny model), and those per-op programs would be compiled again after each
-  `drop_programs` test; here `setup`, the trainer runs and the ImageNet-init test all get
-  their variables from this cache (so they agree bit for bit, as before)."""
-  real = CenterMask.init
+  """`trainer.random_variables` (the compiled init) in this module: one program per (config,
+  canvas), its variables kept as NumPy per rng, so that the programs are not compiled again
+  after each `drop_programs` test and `setup`, the trainer runs and the ImageNet-init test
+  all get the same variables."""
   programs, made = {}, {}
 
-  def init(self, rng, canvas_hw=(128, 128)):
-    try:
-      rng_bytes = np.asarray(jax.random.key_data(rng)).tobytes()
-    except jax.errors.TracerArrayConversionError:  # traced: the trainer's eval_shape on resume
-      return real(self, rng, canvas_hw)
-    cfg = self.config.to_json_best_effort(sort_keys=True)
-    key = (cfg, tuple(canvas_hw), rng_bytes)
+  def random_variables(model, rng, canvas_hw=(128, 128)):
+    program = (model.config.to_json_best_effort(sort_keys=True), tuple(canvas_hw))
+    key = (program, np.asarray(jax.random.key_data(rng)).tobytes())
     if key not in made:
-      if (cfg, tuple(canvas_hw)) not in programs:
-        programs[cfg, tuple(canvas_hw)] = jax.jit(lambda r: real(self, r, tuple(canvas_hw)))
-      made[key] = jax.tree_util.tree_map(np.asarray, programs[cfg, tuple(canvas_hw)](rng))
+      if program not in programs:  # the trainer's program, kept for the other rngs
+        programs[program] = jax.jit(model.init, static_argnums=1)
+      made[key] = jax.tree_util.tree_map(np.asarray, programs[program](rng, tuple(canvas_hw)))
     return jax.tree_util.tree_map(np.copy, made[key])
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(CenterMask, "init", init)
+    mp.setattr(trainer, "random_variables", random_variables)
     yield
 
 
@@ -156,8 +140,7 @@ def _one_init_program_per_config():
 def setup():
   c = tiny_config()
   model = CenterMask(c)
-  v = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(0), (128, 128)))
-  return c, model, v
+  return c, model, trainer.random_variables(model, jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +171,7 @@ def test_init_from_imagenet_backbone_checkpoint(setup, tmp_path):
   import pickle
   from centermask_jax.checkpoints import official
   c, model, v = setup
-  other = jax.tree_util.tree_map(np.asarray, model.init(jax.random.PRNGKey(42), (128, 128)))
+  other = trainer.random_variables(model, jax.random.PRNGKey(42))
   sd = official.export_state_dict(other)
   prefix = "backbone.bottom_up."
   bare = {k[len(prefix):]: val for k, val in sd.items() if k.startswith(prefix)}

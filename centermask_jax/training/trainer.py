@@ -114,10 +114,19 @@ def _train_canvases(config):
     return None
 
 
+def random_variables(model: CenterMask, rng, canvas_hw=(128, 128)):
+  """Spec-initialised variables of `model` as NumPy, traced and compiled as one program.
+  Eager `model.init` compiles every layer's ops one by one and keeps those programs:
+  tiny Lite model 24 s and ~1 GB of host memory held for the run, against 8 s and none."""
+  init = jax.jit(model.init, static_argnums=1)
+  variables = jax.tree_util.tree_map(np.asarray, init(rng, tuple(canvas_hw)))
+  parallel.release_host_memory()  # the heap the compile freed
+  return variables
+
+
 def init_variables(model: CenterMask, config, rng):
   """Random (spec init) variables, then config.weights if set (ImageNet -> backbone only)."""
-  variables = model.init(rng, (128, 128))
-  variables = jax.tree_util.tree_map(np.asarray, variables)
+  variables = random_variables(model, rng)
   path = str(config.get("weights", "") or "")
   if not path:
     _say("init: from scratch (spec initialisation)")
