@@ -154,12 +154,11 @@ def test_training_step_updates_deformable_layers():
   """One SGD step of a small DCN CenterMask: finite loss, and the offset convs (zero at
   init) and the deformable kernels of stages 3-5 receive gradient and move."""
   from centermask_jax.training import optimizer as O
-  from centermask_jax.training import step as S
+  from centermask_jax.training import step as S, trainer
   from test_train import make_batch, split
   c = _tiny_dcn_config()
   model = CenterMask(c)
-  v = jax.tree_util.tree_map(np.asarray, jax.jit(
-      lambda k: model.init(k, (128, 128)))(jax.random.PRNGKey(0)))
+  v = trainer.random_variables(model, jax.random.PRNGKey(0))
   devices = jax.local_devices()[:1]
   tx = O.make_optimizer(c, v["params"])
   p_step = S.make_train_step(model, c, tx, O.lr_schedule(c), devices=devices)

@@ -12,6 +12,7 @@ import pytest
 from centermask_jax.checkpoints import official
 from centermask_jax.config import load_config
 from centermask_jax.models.centermask import CenterMask, count_values
+from centermask_jax.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "centermask_*.py")))
@@ -62,15 +63,11 @@ DEEPER_TWINS = {"centermask_V_57_eSE_FPN_ms_3x", "centermask_V_99_eSE_FPN_ms_3x"
 
 
 def _forward_params():
-  """The configs, `drop_programs` after the last full-size one and after the last Lite one:
-  within each group the configs share most of their eager init's per-op programs and heads
-  (dropping after nearly every config: 353 CPU s for these tests in CI, 187 s without drops), across the groups
-  little; the suite's memory then holds one group's programs at most."""
-  names = [os.path.basename(p)[:-3] for p in CONFIGS]
-  lite = [n.startswith("centermask_lite_") for n in names]
-  last = {max(i for i, x in enumerate(lite) if x == g) for g in set(lite)}
-  return [pytest.param(p, marks=pytest.mark.drop_programs if i in last else ())
-          for i, p in enumerate(CONFIGS)]
+  """The configs, each dropping its programs after it: its variables come from one compiled
+  init program (`trainer.random_variables`) and its forward is its own compile, so the next
+  config would reuse neither (eager init shared per-op programs across configs but held
+  ~1 GB of them); the suite's memory then holds one config's programs at most."""
+  return [pytest.param(p, marks=pytest.mark.drop_programs) for p in CONFIGS]
 
 
 @pytest.mark.parametrize("path", _forward_params(), ids=lambda p: os.path.basename(p)[:-3])
@@ -80,7 +77,7 @@ def test_forward_small_image(path):
     pytest.skip("deeper twin of a tested config; CENTERMASK_JAX_SLOW_TESTS=1 runs it")
   cfg = load_config(path)
   model = CenterMask(cfg)
-  variables = model.init(jax.random.PRNGKey(0), (128, 128))
+  variables = trainer.random_variables(model, jax.random.PRNGKey(0))
   images = jax.random.normal(jax.random.PRNGKey(1), (1, 128, 128, 3)) * 50
   out = jax.jit(model.predict)(variables, images, jnp.array([[100, 120]]),
                                jnp.array([[128, 128]]))
@@ -160,7 +157,7 @@ def test_layout_conversions_match_torch_modules():
 
 def test_predict_does_not_recompile():
   model = _lite_model()
-  variables = model.init(jax.random.PRNGKey(0), (128, 128))
+  variables = trainer.random_variables(model, jax.random.PRNGKey(0))
   traces = []
 
   @jax.jit

@@ -9,6 +9,7 @@ from centermask_jax.config import load_config
 from centermask_jax.models.centermask import CenterMask
 from centermask_jax.predictor import Predictor, preprocess
 from centermask_jax.tools import import_weights
+from centermask_jax.training import trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py")
@@ -120,7 +121,7 @@ def test_predictor_compiles_once_per_canvas_bucket(compiles):
   c.input.min_size_test = 64
   c.input.max_size_test = 128
   model = CenterMask(c)
-  pred = Predictor(c, model.init(jax.random.PRNGKey(0), (128, 128)), model)
+  pred = Predictor(c, trainer.random_variables(model, jax.random.PRNGKey(0)), model)
   r = np.random.RandomState(0)
   sizes = [(60, 90), (100, 130), (45, 80), (200, 301), (33, 64)]
   start = len(compiles.names)  # earlier tests in this process compiled their own predicts
