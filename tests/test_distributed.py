@@ -20,7 +20,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_end_with_identical_params(tmp_path, monkeypatch):
+def test_two_processes_end_with_identical_params(tmp_path):
   """2 processes x 1 device, 2 steps: both end with bit-identical params, equal to one
   process training on 2 devices with the same global batches. With tiny_coco present, the
   evaluation hook then runs at max_iter on 4 real images sharded over both processes."""

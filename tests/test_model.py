@@ -62,15 +62,11 @@ DEEPER_TWINS = {"centermask_V_57_eSE_FPN_ms_3x", "centermask_V_99_eSE_FPN_ms_3x"
                 "centermask_R_101_FPN_ms_3x"}
 
 
-def _forward_params():
-  """The configs, each dropping its programs after it: its variables come from one compiled
-  init program (`trainer.random_variables`) and its forward is its own compile, so the next
-  config would reuse neither (eager init shared per-op programs across configs but held
-  ~1 GB of them); the suite's memory then holds one config's programs at most."""
-  return [pytest.param(p, marks=pytest.mark.drop_programs) for p in CONFIGS]
-
-
-@pytest.mark.parametrize("path", _forward_params(), ids=lambda p: os.path.basename(p)[:-3])
+# Each config drops its programs after it: its variables come from one compiled init
+# program (`trainer.random_variables`) and its forward is its own compile, so the next config
+# would reuse neither; the suite's memory then holds one config's programs at most.
+@pytest.mark.drop_programs
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p)[:-3])
 def test_forward_small_image(path):
   if (os.path.basename(path)[:-3] in DEEPER_TWINS
       and os.environ.get("CENTERMASK_JAX_SLOW_TESTS") != "1"):

@@ -30,7 +30,7 @@ def _saved_states(workdir):
   return out
 
 
-def test_huge_lr_adamw_never_saves_nonfinite_state(tmp_path, monkeypatch):
+def test_huge_lr_adamw_never_saves_nonfinite_state(tmp_path):
   wd = str(tmp_path / "w")
   with pytest.raises(trainer.NonFiniteLossError) as e:
     trainer.train_and_evaluate(_issue_config(), wd, FakeIterator(4, 1), num_steps=6,
