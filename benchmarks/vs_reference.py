@@ -249,7 +249,8 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
       while True:
         if k not in exe:  # compiled ahead of the first run, as the trainer does
           p_step = step_lib.make_train_step(model, cfg, tx, opt_lib.lr_schedule(cfg),
-                                            devices=devices, fg_slots=k)
+                                            devices=devices,
+                                            fg_slots=picker.step_slots(k) if picker else k)
           exe[k] = parallel.compile_ahead(p_step, state[0], batch, key_)
         st, m = exe[k](state[0], batch, key_)
         if picker is None:

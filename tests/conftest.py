@@ -48,15 +48,22 @@ class Compiles:
   (recorded for every backend compile request, persistent-cache hit or not)."""
   EVENT = "/jax/core/compile/backend_compile_duration"
   names: list = []
+  seconds: list = []  # the compile time of each, as the event reports it
 
   @classmethod
   def _listener(cls, event, duration, **kw):
     if event == cls.EVENT:
       cls.names.append(str(kw.get("fun_name", "")))
+      cls.seconds.append(float(duration))
 
   @classmethod
   def since(cls, mark: int) -> list:
     return cls.names[mark:]
+
+  @classmethod
+  def longer_than(cls, mark: int, seconds: float) -> list:
+    """Names of the compilations since `mark` that took more than `seconds`."""
+    return [n for n, s in zip(cls.names[mark:], cls.seconds[mark:]) if s > seconds]
 
 
 jax.monitoring.register_event_duration_secs_listener(Compiles._listener)
@@ -98,7 +105,7 @@ LIGHT_FILES = (
     "test_imagenet_init.py", "test_fcos_postprocess.py", "test_data_transforms_synthetic.py",
     "test_evaluation.py", "test_postprocess.py", "test_structure.py", "test_train_order.py",
     "test_classes.py", "test_cli.py", "test_visualize.py", "test_host_memory.py",
-    "test_host_devices.py")
+    "test_host_devices.py", "test_fg_slots.py")
 # Handed out before every other file, in this order: test_distributed's exclusive section
 # (two training processes) runs while the other worker is fresh and takes the light files.
 FIRST_FILES = ("test_distributed.py",) + LIGHT_FILES

@@ -13,6 +13,7 @@ from centermask_jax.checkpoints import official
 from centermask_jax.config import load_config
 from centermask_jax.models.centermask import CenterMask, count_values
 from centermask_jax.training import trainer
+from test_parity import configs_run_here
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(glob.glob(str(REPO / "configs" / "centermask_*.py")))
@@ -62,6 +63,8 @@ DEEPER_TWINS = {"centermask_V_57_eSE_FPN_ms_3x", "centermask_V_99_eSE_FPN_ms_3x"
                 "centermask_R_101_FPN_ms_3x"}
 
 
+# Configs whose eval parity test_parity runs (the Lite fixtures' here) get their shapes
+# checked by `eval_shape`: the parity test runs the same forward against the reference.
 # Each config drops its programs after it: its variables come from one compiled init
 # program (`trainer.random_variables`) and its forward is its own compile, so the next config
 # would reuse neither; the suite's memory then holds one config's programs at most.
@@ -73,15 +76,18 @@ def test_forward_small_image(path):
     pytest.skip("deeper twin of a tested config; CENTERMASK_JAX_SLOW_TESTS=1 runs it")
   cfg = load_config(path)
   model = CenterMask(cfg)
-  variables = trainer.random_variables(model, jax.random.PRNGKey(0))
   images = jax.random.normal(jax.random.PRNGKey(1), (1, 128, 128, 3)) * 50
-  out = jax.jit(model.predict)(variables, images, jnp.array([[100, 120]]),
-                               jnp.array([[128, 128]]))
+  args = (images, jnp.array([[100, 120]]), jnp.array([[128, 128]]))
+  if os.path.basename(path)[:-3] in configs_run_here():  # test_parity runs its forward
+    out = jax.eval_shape(model.predict, _shapes(model), *args)
+  else:
+    variables = trainer.random_variables(model, jax.random.PRNGKey(0))
+    out = jax.jit(model.predict)(variables, *args)
+    assert np.all(np.isfinite(np.asarray(out["mask_scores"])))
   k = cfg.model.fcos.post_nms_topk_test
   assert out["boxes"].shape == (1, k, 4)
   assert out["mask_probs"].shape == (1, k, 28, 28)
   assert out["maskiou"].shape == (1, k, cfg.model.num_classes)
-  assert np.all(np.isfinite(np.asarray(out["mask_scores"])))
 
 
 def _lite_model():

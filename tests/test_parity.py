@@ -90,6 +90,15 @@ def _params():
                                                     reason=f"slow: set {SLOW_ENV}=1"))
 
 
+def configs_run_here() -> set:
+  """Names of the configs whose eval parity (canvas) this run executes unskipped: their
+  forward is checked here against the reference's numbers."""
+  return {_meta(p.values[0]).get("config", p.values[0].name) for p in _params()
+          if p.values[1:] == ("eval", "canvas") and not any(m.args[0] for m in p.marks)
+          and (REPO / "configs" / f"{_meta(p.values[0]).get('config', p.values[0].name)}.py"
+               ).exists()}
+
+
 def canvas_for(folder: pathlib.Path):
   """The next multiples of 128 strictly above the official padded size."""
   import numpy as np

@@ -21,7 +21,7 @@ import numpy as np
 from test_train import FakeIterator, tiny_config
 from centermask_jax.training import step as S, trainer
 
-def make_train_step(model, config, tx, lr_fn, devices=None):
+def make_train_step(model, config, tx, lr_fn, devices=None, fg_slots=None):
   def p_step(state, batch, rng):
     time.sleep(0.05)
     state = dict(state, step=state["step"] + 1)
@@ -135,7 +135,7 @@ def test_resume_banner_restore_and_finished_run(tmp_path, monkeypatch):
   from test_train import FakeIterator, tiny_config
   from centermask_jax.training import step as S, trainer
 
-  def make_train_step(model, config, tx, lr_fn, devices=None):
+  def make_train_step(model, config, tx, lr_fn, devices=None, fg_slots=None):
     def p_step(state, batch, rng):
       state = dict(state, step=state["step"] + 1,
                    params=jax.tree_util.tree_map(lambda p: p + 1.0, state["params"]))

@@ -1,6 +1,8 @@
 """Training: device-count invariance, resume exactness, no recompilation, NaN stop, optimiser."""
 import functools
+import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,6 @@ from centermask_jax.models.centermask import CenterMask
 from centermask_jax.training import optimizer as O
 from centermask_jax.training import step as S
 from centermask_jax.training import trainer
-from compile_events import compile_count
 
 M = 4  # GT slots
 
@@ -95,18 +96,18 @@ def _step_key(config) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_update_step_per_config():
-  """`step.make_train_step` made once per (config, devices, mode) in this module: the
-  trainer runs (resume, NaN stop) and the tests stepping by hand then share one compiled
-  update step instead of compiling the same step once each (~50 s of CPU each). The pmap
-  call path and the trainer's ahead-of-time `lower().compile()` are cached apart, so the
-  first direct call in test_step_does_not_recompile still compiles."""
+  """`step.make_train_step` made once per (config, devices, mode, fg slots) in this module:
+  the trainer runs (resume, foreground rerun, NaN stop) and the shard_map test share one
+  compiled update step instead of compiling it once each (~50 s of CPU each). A call gets
+  the trainer's program only with the trainer's input layout (batches already on the
+  devices), and only until a `drop_programs` test: the one using it last carries the mark."""
   made = {}
   real = S.make_train_step
 
-  def shared(model, config, tx, lr_fn, devices=None, mode="pmap"):
-    key = (_step_key(config), tuple(devices or jax.local_devices()), mode)
+  def shared(model, config, tx, lr_fn, devices=None, mode="pmap", fg_slots=None):
+    key = (_step_key(config), tuple(devices or jax.local_devices()), mode, fg_slots)
     if key not in made:
-      made[key] = real(model, config, tx, lr_fn, devices=devices, mode=mode)
+      made[key] = real(model, config, tx, lr_fn, devices=devices, mode=mode, fg_slots=fg_slots)
     return made[key]
 
   with pytest.MonkeyPatch.context() as mp:
@@ -265,8 +266,11 @@ def test_bf16_compute_keeps_fp32_master_params(setup, loss_one_device):
   assert moved > 0 and np.isfinite(float(m["total_loss"][0]))
 
 
-def test_resume_is_exact_and_no_recompile(setup, tmp_path):
+def test_resume_is_exact_and_no_recompile(setup, tmp_path, compiles):
+  """6 steps in one run equal 3 + 3 resumed steps bit for bit, and the update step is
+  compiled once for the three runs' 12 steps (every batch of the canvas reuses it)."""
   c = setup[0]
+  mark = len(compiles.names)
   full = trainer.train_and_evaluate(c, str(tmp_path / "a"), FakeIterator(4, 1), num_steps=6,
                                     async_checkpoints=False, quiet=True)
   part = trainer.train_and_evaluate(c, str(tmp_path / "b"), FakeIterator(4, 1), num_steps=3,
@@ -275,6 +279,8 @@ def test_resume_is_exact_and_no_recompile(setup, tmp_path):
   rest = trainer.train_and_evaluate(c, str(tmp_path / "b"), FakeIterator(4, 1), num_steps=3,
                                     async_checkpoints=False, quiet=True)
   assert full["step"] == rest["step"] == 6
+  # pmapped functions all compile as "jit(_fun)": the update step is the one taking seconds
+  assert compiles.longer_than(mark, 5.0).count("jit(_fun)") == 1, compiles.since(mark)
   from centermask_jax.checkpoints import classes
   stored = classes.read(str(tmp_path / "b"))  # stored with every checkpoint
   assert stored.num_classes == c.model.num_classes and stored.names is None
@@ -292,7 +298,68 @@ def test_resume_is_exact_and_no_recompile(setup, tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.drop_programs
+def test_trainer_reruns_an_overflowing_step_and_checkpoints_the_history(tmp_path, monkeypatch,
+                                                                        compiles):
+  """Trainer with buckets (1, 20) and a picker forced to try 1 slot first: every step
+  overflows it, leaves params, optimiser state and step counter as they were, and runs
+  again on all 20 slots (the plain step, compiled for the test above); each applied count
+  fits its slots and the checkpoint keeps the picker's history for a resume."""
+  monkeypatch.setattr(S, "FG_BUCKETS", (1,))
+  monkeypatch.setattr(S.FgSlotPicker, "pick", lambda self: self.buckets[0])
+  real = S.make_train_step
+  calls = []  # (slots, state before (host copy of two leaves), state after, metrics)
+
+  class Recorded:
+    """The trainer's step for `slots`, compiled ahead as the trainer does, recording each
+    call."""
+
+    def __init__(self, fn, slots):
+      self.fn, self.slots = fn, slots
+
+    def lower(self, *args):
+      lowered = self.fn.lower(*args)
+      return types.SimpleNamespace(compile=lambda: Recorded(lowered.compile(), self.slots))
+
+    def __call__(self, state, batch, rng):
+      leaves = lambda s: [np.asarray(s["step"])] + [np.asarray(x) for x in (  # noqa: E731
+          jax.tree_util.tree_leaves(s["params"])[0], jax.tree_util.tree_leaves(
+              s["opt_state"])[0])]
+      before = leaves(state)  # copied now: the step donates its input state
+      new, m = self.fn(state, batch, rng)
+      calls.append((self.slots, before, leaves(new), jax.device_get(m)))
+      return new, m
+
+  monkeypatch.setattr(S, "make_train_step", lambda *a, fg_slots=None, **k: Recorded(
+      real(*a, fg_slots=fg_slots, **k), fg_slots))
+  c = tiny_config()  # the update step of test_resume (num_steps ends the run)
+  c.train.eval_every = -1
+  assert S.fg_buckets(c) == (1, 20)
+  mark = len(compiles.names)
+  work = str(tmp_path / "w")
+  out = trainer.train_and_evaluate(c, work, FakeIterator(4, 1), num_steps=2,
+                                   async_checkpoints=False, quiet=True)
+  assert out["step"] == 2 and int(np.asarray(out["state"]["step"])) == 2
+  assert [k for k, *_ in calls] == [1, None, 1, None]
+  for k, before, after, m in calls:
+    fg_max = float(np.max(m["fg_max"]))
+    if k == 1:  # overflowed: nothing applied
+      assert fg_max > 1 and float(np.max(m["fg_overflow"])) == 1
+      for a, b in zip(after, before):
+        np.testing.assert_array_equal(a, b)
+    else:
+      assert fg_max <= 20 and np.all(after[0] == before[0] + 1)
+      assert not np.array_equal(after[1], before[1])
+  log = open(os.path.join(work, "log.txt")).read()
+  assert log.count("run again on 20") == 2
+  rows = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+  assert rows[-1]["fg_reruns_total"] == 2
+  applied = [int(np.max(m["fg_max"])) for k, _, _, m in calls if k is None]
+  assert [int(r["fg_max"]) for r in rows] == applied
+  data = json.load(open(os.path.join(work, "checkpoints", "2", "data", "metadata")))
+  assert data["fg_recent"] == applied
+  assert compiles.longer_than(mark, 5.0).count("jit(_fun)") == 1  # the 1-slot step only
+
+
 def test_nan_loss_stops_with_step(setup, tmp_path):
   """Metrics reach the host only at log / checkpoint steps (log_every 10 here), yet the
   error names the first bad step (5) and nothing is saved after it (no checkpoint 6)."""
@@ -306,28 +373,10 @@ def test_nan_loss_stops_with_step(setup, tmp_path):
   assert sorted(os.listdir(ckpt_workdir.checkpoint_dir(str(tmp_path / "n")))) == ["3"]
 
 
-def test_step_does_not_recompile(setup):
-  c, model, v = setup
-  tx = O.make_optimizer(c, v["params"])
-  p_step = S.make_train_step(model, c, tx, O.lr_schedule(c))
-  state = parallel.replicate(S.init_state(v["params"], v["frozen_bn"], tx))
-  it = FakeIterator(4, 1)
-  before = compile_count()
-  state, m1 = p_step(state, next(it), jax.random.PRNGKey(0))
-  jax.block_until_ready(m1)
-  compiled = compile_count()
-  assert compiled > before  # the counter sees the step's compilation
-  state, m2 = p_step(state, next(it), jax.random.PRNGKey(0))
-  jax.block_until_ready(m2)
-  assert compile_count() == compiled
-  assert int(state["step"][0]) == 2
-  assert np.isfinite(float(m2["total_loss"][0])) and float(m2["lr"][0]) > float(m1["lr"][0])
-
-
 @pytest.mark.drop_programs
-def test_shard_map_step_equals_pmap_step(setup):
-  """jit(shard_map) variant of the update: the same params as the pmap step after 2 steps
-  on 4 devices, and its second step does not recompile."""
+def test_shard_map_step_equals_pmap_step(setup, compiles):
+  """jit(shard_map) variant of the update: the same params as the pmap step (the trainer's,
+  compiled ahead) after 2 steps on 4 devices; its second step does not recompile."""
   c, model, v = setup
   assert jax.local_device_count() == 4
   tx = O.make_optimizer(c, v["params"])
@@ -336,14 +385,20 @@ def test_shard_map_step_equals_pmap_step(setup):
   s_step = S.make_train_step(model, c, tx, O.lr_schedule(c), mode="shard_map")
   ps = parallel.replicate(init)
   ss = parallel.replicate_on_mesh(init, parallel.make_mesh(jax.local_devices()))
-  it_p, it_s = FakeIterator(4, 1), FakeIterator(4, 1)
+  # the batches on the devices as the trainer feeds them (its compiled step's input layout)
+  it_p = parallel.DevicePrefetch(FakeIterator(4, 1), jax.local_devices(), size=1)
+  it_s = FakeIterator(4, 1)
+  p_exe = None
   for i in range(2):
-    ps, mp = p_step(ps, next(it_p), jax.random.PRNGKey(5))
-    if i == 1:
-      compiled = compile_count()
+    batch = next(it_p)
+    p_exe = p_exe or parallel.compile_ahead(p_step, ps, batch, jax.random.PRNGKey(5))
+    ps, mp = p_exe(ps, batch, jax.random.PRNGKey(5))
+    lr = float(mp["lr"][0]) if i == 0 else lr
+    mark = len(compiles.names)
     ss, ms = s_step(ss, next(it_s), jax.random.PRNGKey(5))
-  assert compile_count() == compiled
+  assert compiles.since(mark) == []
   assert int(ss["step"]) == int(ps["step"][0]) == 2
+  assert np.isfinite(float(mp["total_loss"][0])) and float(mp["lr"][0]) > lr  # warmup
   np.testing.assert_allclose(float(ms["total_loss"]), float(mp["total_loss"][0]), rtol=1e-5)
   got = jax.tree_util.tree_leaves(jax.device_get(ss["params"]))
   want = jax.tree_util.tree_leaves(parallel.local_copy(ps["params"]))

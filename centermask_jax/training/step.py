@@ -92,7 +92,8 @@ class FgSlotPicker:
   The step for bucket k (`make_train_step(..., fg_slots=k)`) reports the all-device
   largest per-image foreground count (metrics["fg_max"]); if it exceeds k the step left the
   state unchanged and is run again on the bucket holding it, so every applied step saw all
-  its foreground RoIs (exact: the rows past the count are padding either way). A step runs
+  its foreground RoIs (exact: the rows past the count are padding either way; the largest
+  bucket cannot overflow and runs as the plain step, `step_slots`). A step runs
   on the smallest bucket holding the largest count of the last `window` applied steps (all
   slots when there is none yet). The history is part of the checkpointed data state
   (`state()` / `set_state()`), so a resumed run picks the buckets the uninterrupted one did.
@@ -110,6 +111,11 @@ class FgSlotPicker:
 
   def pick(self) -> int:
     return self.bucket(max(self.recent)) if self.recent else self.buckets[-1]
+
+  def step_slots(self, slots: int) -> Optional[int]:
+    """`make_train_step`'s fg_slots for the bucket `slots`: None (the plain step) for the
+    largest, which holds every foreground RoI and so never overflows."""
+    return None if slots == self.buckets[-1] else slots
 
   def observe(self, slots: int, fg_max: int) -> Optional[int]:
     """After a step on `slots`: None if it was applied (recorded), else the bucket to run

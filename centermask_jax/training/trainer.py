@@ -315,8 +315,8 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
 
   def p_step_for(k):
     if k not in p_steps:
-      kw = {} if k is None else {"fg_slots": k}
-      p_steps[k] = step_lib.make_train_step(model, config, tx, lr_fn, devices=devices, **kw)
+      p_steps[k] = step_lib.make_train_step(model, config, tx, lr_fn, devices=devices,
+                                            fg_slots=picker.step_slots(k) if picker else None)
     return p_steps[k]
   rstate = parallel.replicate(state, devices)
   del state
