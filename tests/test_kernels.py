@@ -61,12 +61,12 @@ def test_conv2d_dispatch():
   c = K.conv2d(x, dw, 1, 1, groups=6)
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
-  # grouped (not depthwise) and dense convs always go to lax (exactly equal)
+  # grouped (not depthwise) and dense k x k convs go to lax (exactly equal)
   grouped = _rand((3, 3, 3, 6), 5)
   np.testing.assert_array_equal(K.conv2d(x, grouped, 1, 1, groups=2),
                                 K.lax_conv2d(x, grouped, 1, 1, groups=2))
-  dense = _rand((1, 1, 6, 4), 6)
-  np.testing.assert_array_equal(K.conv2d(x, dense), K.lax_conv2d(x, dense))
+  dense = _rand((3, 3, 6, 4), 6)
+  np.testing.assert_array_equal(K.conv2d(x, dense, 1, 1), K.lax_conv2d(x, dense, 1, 1))
 
 
 # (N, H, W, Cin, Cout, k, stride, pad): 1x1, 3x3 s1/s2 (odd and even sizes), 3x3 no pad
@@ -78,7 +78,15 @@ DENSE = [(2, 9, 12, 5, 7, 1, 1, 0), (2, 9, 12, 5, 7, 3, 1, 1), (1, 10, 7, 4, 6, 
 def test_dense_dot_grad_equals_lax_conv_grads(n, h, w, ci, co, k, s, p):
   x, kern = _rand((n, h, w, ci), 7), _rand((k, k, ci, co), 8)
   ref = K.lax_conv2d(x, kern, s, p)
-  np.testing.assert_array_equal(K.conv2d_dot_grad(x, kern, s, p), ref)  # same forward op
+  if k == 1:  # the matmul forward: the float64 conv up to float32 rounding
+    ref64 = np.einsum("nhwc,cd->nhwd", np.asarray(x, np.float64)[:, ::s, ::s],
+                      np.asarray(kern, np.float64)[0, 0])
+    got = K.conv2d_dot_grad(x, kern, s, p)
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    np.testing.assert_allclose(got, ref64, rtol=1e-6, atol=1e-6 * np.abs(ref64).max())
+    np.testing.assert_allclose(ref, ref64, rtol=1e-6, atol=1e-6 * np.abs(ref64).max())
+  else:
+    np.testing.assert_array_equal(K.conv2d_dot_grad(x, kern, s, p), ref)  # same forward op
   g = _rand(ref.shape, 9)
   f = lambda fn: jax.grad(lambda a, b: jnp.sum(jnp.tanh(fn(a, b)) * g), (0, 1))(x, kern)
   gx_ref, gk_ref = f(lambda a, b: K.lax_conv2d(a, b, s, p))
