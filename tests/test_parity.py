@@ -90,13 +90,17 @@ def _params():
                                                     reason=f"slow: set {SLOW_ENV}=1"))
 
 
+def config_path(folder: pathlib.Path) -> pathlib.Path:
+  """configs/NAME.py of a fixture folder (meta.json `config`, else the folder's name)."""
+  return REPO / "configs" / f"{_meta(folder).get('config', folder.name)}.py"
+
+
 def configs_run_here() -> set:
   """Names of the configs whose eval parity (canvas) this run executes unskipped: their
   forward is checked here against the reference's numbers."""
-  return {_meta(p.values[0]).get("config", p.values[0].name) for p in _params()
+  return {config_path(p.values[0]).stem for p in _params()
           if p.values[1:] == ("eval", "canvas") and not any(m.args[0] for m in p.marks)
-          and (REPO / "configs" / f"{_meta(p.values[0]).get('config', p.values[0].name)}.py"
-               ).exists()}
+          and config_path(p.values[0]).exists()}
 
 
 def canvas_for(folder: pathlib.Path):
@@ -109,7 +113,7 @@ def canvas_for(folder: pathlib.Path):
 @pytest.mark.parametrize("folder,mode,padding", list(_params()))
 def test_parity_every_fixture(folder, mode, padding):
   """Every stage of the folder's fixtures passes (known, explained misses aside)."""
-  config = REPO / "configs" / f"{_meta(folder).get('config', folder.name)}.py"
+  config = config_path(folder)
   if not config.exists():
     pytest.skip(f"no config {config.name} for fixture folder {folder.name}")
   canvas = canvas_for(folder) if padding == "canvas" else None
@@ -163,7 +167,7 @@ def test_mv2_downstream_of_reference_backbone(mode, mv2_reference_is_bit_identic
   if not (float(_meta(MV2).get("eval_forward_seconds_cpu", 1e9)) <= FAST_FORWARD_S
           or os.environ.get(SLOW_ENV)):
     pytest.skip(f"slow: set {SLOW_ENV}=1")
-  config = REPO / "configs" / f"{_meta(MV2).get('config', MV2.name)}.py"
+  config = config_path(MV2)
   rep = parity.run(str(config), str(MV2), None, train=mode == "train",
                    reference_backbone=mode)
   stages = {l.stage for l in rep.lines}
@@ -183,7 +187,7 @@ def test_mv2_our_model_in_pytorch_conv_order_passes_eval():
     pytest.skip(f"slow: set {SLOW_ENV}=1")
   if not MV2.exists():
     pytest.skip(f"{MV2} not available")
-  config = REPO / "configs" / f"{_meta(MV2).get('config', MV2.name)}.py"
+  config = config_path(MV2)
   rep = parity.run(str(config), str(MV2), None, conv_order="pytorch")
   assert not rep.failed, "\n".join(str(l) for l in rep.failed)
   exact = {l.stage: l.err for l in rep.lines
