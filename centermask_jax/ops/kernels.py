@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 # backend -> implementation of depthwise convs ("lax" | "shifted"); see benchmarks/kernels.py.
 DEPTHWISE_IMPL = {"cpu": "shifted"}
-# backend -> gradient of dense 1x1 convs ("lax" | "dot").
-DENSE_1X1_GRAD_IMPL = {"cpu": "dot"}
+# backend -> dense 1x1 convs ("lax" | "dot": matmul forward and gradients).
+DENSE_1X1_IMPL = {"cpu": "dot"}
 
 
 def _backend() -> str:
@@ -247,7 +247,8 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
   """The model's conv: x [N, H, W, Cin], kernel [k, k, Cin/groups, Cout] -> [N, H', W', Cout].
 
   impl: None = the backend's choice; "lax" forces XLA's conv (and its gradients),
-  "shifted" the depthwise rewrite (depthwise only), "dot" the matmul gradients (groups 1).
+  "shifted" the depthwise rewrite (depthwise only), "dot" the matmul gradients (groups 1;
+  for 1x1 without padding the forward too).
   """
   cin, cout = x.shape[-1], kernel.shape[-1]
   depthwise = groups > 1 and groups == cin == cout
@@ -257,7 +258,7 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
       return depthwise_shifted(x, kernel, stride, pad)
   elif groups == 1:
     if impl is None and kernel.shape[0] * kernel.shape[1] == 1:
-      impl = DENSE_1X1_GRAD_IMPL.get(_backend(), "lax")
+      impl = DENSE_1X1_IMPL.get(_backend(), "lax")
     if impl == "dot":
       return conv2d_dot_grad(x, kernel, stride, pad)
   return lax_conv2d(x, kernel, stride, pad, groups)
