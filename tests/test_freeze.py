@@ -35,8 +35,8 @@ def test_resnet_freeze_at_2_drops_the_backward_of_stem_and_res2(monkeypatch):
   """R-50 gradient program (traced only): FREEZE_AT=2 removes exactly the 11 weight
   gradients and 10 input gradients of the stem + res2 convs (the stem input has none) and
   the input gradients of res3.0's conv1 and shortcut (their input is res2's output)."""
-  # count XLA conv gradients (ops/kernels.py may compute 1x1 ones as matmuls per backend)
-  monkeypatch.setattr(kernels, "DENSE_1X1_IMPL", {})
+  # count XLA conv gradients (ops/kernels.py may compute them as matmuls per backend)
+  monkeypatch.setattr(kernels, "DENSE_IMPL", {})
   counts = {}
   for freeze_at in (0, 2):
     c = base_config()
@@ -60,9 +60,9 @@ def test_vovnet_freeze_grads_zero_below_and_unchanged_above(monkeypatch):
   of the optimiser's frozen leaves are exactly 0, every other gradient equals the
   FREEZE_AT=0 gradient; the forward outputs are identical."""
   # XLA's conv gradients are bit-identical across the two programs; the CPU rewrites of
-  # ops/kernels.py (shifted depthwise, 1x1 matmul gradients) round differently when XLA
+  # ops/kernels.py (shifted depthwise, matmul gradients) round differently when XLA
   # fuses the two programs differently, so this test runs the plain XLA convs.
-  monkeypatch.setattr(kernels, "DENSE_1X1_IMPL", {})
+  monkeypatch.setattr(kernels, "DENSE_IMPL", {})
   monkeypatch.setattr(kernels, "DEPTHWISE_IMPL", {})
   assert vov.frozen_param_prefixes(0) == ()
   assert vov.frozen_param_prefixes(2) == ("stem.", "stage2.")

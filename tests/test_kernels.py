@@ -61,7 +61,7 @@ def test_conv2d_dispatch():
   c = K.conv2d(x, dw, 1, 1, groups=6)
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-5)
-  # grouped (not depthwise) and dense k x k convs go to lax (exactly equal)
+  # grouped (not depthwise) convs go to lax, dense k x k ones keep XLA's forward (exactly equal)
   grouped = _rand((3, 3, 3, 6), 5)
   np.testing.assert_array_equal(K.conv2d(x, grouped, 1, 1, groups=2),
                                 K.lax_conv2d(x, grouped, 1, 1, groups=2))
@@ -93,6 +93,24 @@ def test_dense_dot_grad_equals_lax_conv_grads(n, h, w, ci, co, k, s, p):
   gx, gk = f(lambda a, b: K.conv2d(a, b, s, p, impl="dot"))
   np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gk, gk_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3])
+@pytest.mark.parametrize("n,h,w,ci,co,k,s,p", [d for d in DENSE if d[5] > 1])
+def test_dk_banded_equals_float64_tap_sums(n, h, w, ci, co, k, s, p, rows):
+  """The banded im2col kernel gradient == sum over N, H', W' of tap(i, j)^T g in float64,
+  for band heights that do and do not divide H' (odd sizes, stride 2, no padding)."""
+  x = np.asarray(_rand((n, h, w, ci), 13), np.float64)
+  ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+  g = np.asarray(_rand((n, ho, wo, co), 14), np.float64)
+  xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  want = np.stack([np.einsum("nhwc,nhwd->cd",
+                             xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s], g)
+                   for i in range(k) for j in range(k)]).reshape(k, k, ci, co)
+  got = K._dk_banded(jnp.asarray(xp, jnp.float32), jnp.asarray(g, jnp.float32), s, k, k,
+                     jnp.float32, rows=rows)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_class_predictor_selected_equals_full_then_select():

@@ -9,14 +9,14 @@ measured faster on the backend (`benchmarks/kernels.py`):
   multiply-adds of strided slices (one fused elementwise loop, forward and backward);
   its kernel gradient sums each tap over row x column blocks in one fused add chain
   before XLA's reduction (`_depthwise_dk`).
-* 1x1 dense convs, backward: XLA:CPU's kernel-gradient convolution is 1.5-2x slower than
-  the plain matmul dK = x^T @ g (contraction over N, H', W'), and that matmul is itself
-  ~3x slower than a batch of row-block partial products summed afterwards (`_gram`: one
-  [Cin, Cout] output tile leaves XLA:CPU little to split across threads). On CPU the
-  forward stays XLA's conv and the gradients are matmuls (`conv2d_dot_grad`, which also
-  handles k x k and strides: dK per tap, dx = g @ K^T for 1x1 stride 1, XLA's transposed
-  conv for other stride-1 kernels, else g @ K[i, j]^T placed on the strided tap grid; for
-  3x3 it measured slower than XLA, so only 1x1 uses it).
+* dense convs (groups 1), backward: XLA:CPU's kernel-gradient convolution (a conv whose
+  "kernel" is the whole output gradient) runs 3-10x slower than the forward conv of the
+  same FLOPs (V-39 stage 2, 2x280x272x128 -> 128: 1.15 s vs 0.13 s). On CPU the gradients
+  are matmuls instead (`conv2d_dot_grad`): dK of a 1x1 conv is x^T @ g as a batch of
+  row-block partial products (`_gram`), dK of a k x k conv is im2col(x)^T @ g over bands
+  of two output rows in a `lax.scan` (`_dk_banded`: 0.21 s on that shape, its memory one
+  band); dx = g @ K^T for 1x1 stride 1, XLA's transposed conv for other stride-1
+  kernels, else g @ K[i, j]^T placed on the strided tap grid.
 * 1x1 dense convs, forward: on CPU the matmul x[:, ::s, ::s] @ K (`_dot_conv_fwd`), 3-4x
   faster than XLA:CPU's 1x1 conv (equal up to float summation order).
 
@@ -31,8 +31,11 @@ import jax.numpy as jnp
 
 # backend -> implementation of depthwise convs ("lax" | "shifted"); see benchmarks/kernels.py.
 DEPTHWISE_IMPL = {"cpu": "shifted"}
-# backend -> dense 1x1 convs ("lax" | "dot": matmul forward and gradients).
-DENSE_1X1_IMPL = {"cpu": "dot"}
+# backend -> dense convs ("lax" | "dot": matmul gradients, 1x1 forward as a matmul).
+DENSE_IMPL = {"cpu": "dot"}
+# output rows per band of `_dk_banded` (1-3 measured within noise of each other on CPU, 8+
+# slower: the band's im2col should stay in cache)
+DK_BAND_ROWS = 2
 
 
 def _backend() -> str:
@@ -187,6 +190,35 @@ def _gram(a, b, acc):
   return jnp.sum(part, axis=0)
 
 
+def _dk_banded(xp, g, stride: int, kh: int, kw: int, acc, rows: int = DK_BAND_ROWS):
+  """Kernel gradient of a k x k conv: xp [N, Hp, Wp, C] (input, padded), g [N, H', W', D]
+  -> [kh, kw, C, D] in dtype `acc`, sum over N, H', W' of tap(i, j)^T g.
+
+  Bands of `rows` output rows in a scan: each band's kh*kw taps side by side ([N*rows*W',
+  kh*kw*C], im2col) times the band's g, accumulated (only one band's im2col exists)."""
+  n, hp, wp, c = xp.shape
+  ho, wo, d = g.shape[1:]
+  bands = -(-ho // rows)
+  span = (rows - 1) * stride + kh  # input rows under one band
+  need = (bands - 1) * rows * stride + span
+  if need > hp:  # the last band's rows beyond H' meet zero rows of g and of xp
+    xp = jnp.pad(xp, ((0, 0), (0, need - hp), (0, 0), (0, 0)))
+  if bands * rows > ho:
+    g = jnp.pad(g, ((0, 0), (0, bands * rows - ho), (0, 0), (0, 0)))
+
+  def band(total, b):
+    xb = jax.lax.dynamic_slice_in_dim(xp, b * rows * stride, span, axis=1)
+    gb = jax.lax.dynamic_slice_in_dim(g, b * rows, rows, axis=1)
+    cols = jnp.concatenate([_tap(xb, i, j, stride, rows, wo)
+                            for i in range(kh) for j in range(kw)], axis=-1)
+    part = jnp.einsum("mk,md->kd", cols.reshape(-1, kh * kw * c), gb.reshape(-1, d),
+                      preferred_element_type=acc)
+    return total + part, None
+
+  total, _ = jax.lax.scan(band, jnp.zeros((kh * kw * c, d), acc), jnp.arange(bands))
+  return total.reshape(kh, kw, c, d)
+
+
 def _dot_conv_fwd(x, kernel, stride: int, pad: int):
   """The forward of `conv2d_dot_grad`: a 1x1 conv without padding as the matmul
   x[:, ::s, ::s] @ K (XLA:CPU's 1x1 conv is 3-4x slower than the same matmul, e.g. the
@@ -202,7 +234,8 @@ def _dot_conv_fwd(x, kernel, stride: int, pad: int):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d_dot_grad(x, kernel, stride: int = 1, pad: int = 0):
-  """Dense conv (groups 1) = `lax_conv2d` (1x1 as a matmul), gradients as matmuls."""
+  """Dense conv (groups 1) = `lax_conv2d` (1x1 as a matmul), gradients as matmuls:
+  x [N, H, W, Cin], kernel [kh, kw, Cin, Cout] -> [N, H', W', Cout]."""
   return _dot_conv_fwd(x, kernel, stride, pad)
 
 
@@ -217,8 +250,10 @@ def _dot_grad_bwd(stride, pad, res, g):
   ho, wo = g.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  dk = jnp.stack([_gram(_tap(xp, i, j, stride, ho, wo), g, acc)
-                  for i in range(kh) for j in range(kw)]).reshape(kernel.shape)
+  if kh == kw == 1:
+    dk = _gram(_tap(xp, 0, 0, stride, ho, wo), g, acc).reshape(kernel.shape)
+  else:
+    dk = _dk_banded(xp, g, stride, kh, kw, acc)
   dk = dk.astype(kernel.dtype)
   if kh == kw == 1 and stride == 1:
     dx = jnp.einsum("nhwd,cd->nhwc", g, kernel[0, 0], preferred_element_type=acc)
@@ -257,8 +292,8 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
     if impl == "shifted":
       return depthwise_shifted(x, kernel, stride, pad)
   elif groups == 1:
-    if impl is None and kernel.shape[0] * kernel.shape[1] == 1:
-      impl = DENSE_1X1_IMPL.get(_backend(), "lax")
+    if impl is None:
+      impl = DENSE_IMPL.get(_backend(), "lax")
     if impl == "dot":
       return conv2d_dot_grad(x, kernel, stride, pad)
   return lax_conv2d(x, kernel, stride, pad, groups)
