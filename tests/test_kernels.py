@@ -113,6 +113,21 @@ def test_dk_banded_equals_float64_tap_sums(n, h, w, ci, co, k, s, p, rows):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_dense_kxk_grads_banded_only_on_maps_with_enough_positions(monkeypatch):
+  """On CPU a 3x3 dense conv's kernel gradient is the banded scan from
+  DK_BANDED_MIN_POSITIONS output positions (N * H' * W') up, XLA's below (traced only)."""
+  monkeypatch.setattr(K, "DENSE_IMPL", {K._backend(): "dot"})
+  kern = jax.ShapeDtypeStruct((3, 3, 4, 4), jnp.float32)
+
+  def uses_scan(n, h, w):
+    x = jax.ShapeDtypeStruct((n, h, w, 4), jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(K.conv2d(a, b, 1, 1)), 1))(x, kern)
+    return "scan" in str(jaxpr)
+  assert K.DK_BANDED_MIN_POSITIONS == 4096
+  assert uses_scan(1, 64, 64) and uses_scan(2, 32, 64)
+  assert not uses_scan(1, 63, 64) and not uses_scan(4, 16, 16)
+
+
 def test_class_predictor_selected_equals_full_then_select():
   """Mask predictor for one class per RoI == full per-class 1x1 conv, then the channel
   (forward and gradients w.r.t. input and parameters); out-of-range classes clip."""

@@ -15,7 +15,7 @@ measured faster on the backend (`benchmarks/kernels.py`):
   are matmuls instead (`conv2d_dot_grad`): dK of a 1x1 conv is x^T @ g as a batch of
   row-block partial products (`_gram`), dK of a k x k conv is im2col(x)^T @ g over bands
   of two output rows in a `lax.scan` (`_dk_banded`: 0.21 s on that shape, its memory one
-  band); dx = g @ K^T for 1x1 stride 1, XLA's transposed conv for other stride-1
+  band; maps under DK_BANDED_MIN_POSITIONS output positions keep XLA's gradients); dx = g @ K^T for 1x1 stride 1, XLA's transposed conv for other stride-1
   kernels, else g @ K[i, j]^T placed on the strided tap grid.
 * 1x1 dense convs, forward: on CPU the matmul x[:, ::s, ::s] @ K (`_dot_conv_fwd`), 3-4x
   faster than XLA:CPU's 1x1 conv (equal up to float summation order).
@@ -36,6 +36,10 @@ DENSE_IMPL = {"cpu": "dot"}
 # output rows per band of `_dk_banded` (1-3 measured within noise of each other on CPU, 8+
 # slower: the band's im2col should stay in cache)
 DK_BAND_ROWS = 2
+# k x k dense convs with fewer output positions (N * H' * W') keep XLA's gradients: on such
+# small maps both take about a millisecond and the scan only adds compile time (tests' tiny
+# canvases, P6/P7)
+DK_BANDED_MIN_POSITIONS = 4096
 
 
 def _backend() -> str:
@@ -294,6 +298,11 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
   elif groups == 1:
     if impl is None:
       impl = DENSE_IMPL.get(_backend(), "lax")
+      k = kernel.shape[0] * kernel.shape[1]
+      ho = (x.shape[1] + 2 * pad - kernel.shape[0]) // stride + 1
+      wo = (x.shape[2] + 2 * pad - kernel.shape[1]) // stride + 1
+      if k > 1 and x.shape[0] * ho * wo < DK_BANDED_MIN_POSITIONS:
+        impl = "lax"
     if impl == "dot":
       return conv2d_dot_grad(x, kernel, stride, pad)
   return lax_conv2d(x, kernel, stride, pad, groups)
