@@ -15,8 +15,9 @@ measured faster on the backend (`benchmarks/kernels.py`):
   are matmuls instead (`conv2d_dot_grad`): dK of a 1x1 conv is x^T @ g as a batch of
   row-block partial products (`_gram`), dK of a k x k conv is im2col(x)^T @ g over bands
   of two output rows in a `lax.scan` (`_dk_banded`: 0.21 s on that shape, its memory one
-  band; maps under DK_BANDED_MIN_POSITIONS output positions keep XLA's gradients); dx = g @ K^T for 1x1 stride 1, XLA's transposed conv for other stride-1
-  kernels, else g @ K[i, j]^T placed on the strided tap grid.
+  band; maps under DK_BANDED_MIN_POSITIONS output positions keep XLA's gradients);
+  dx = g @ K^T for 1x1 stride 1, XLA's transposed conv for other stride-1 kernels, else
+  g @ K[i, j]^T placed on the strided tap grid.
 * 1x1 dense convs, forward: on CPU the matmul x[:, ::s, ::s] @ K (`_dot_conv_fwd`), 3-4x
   faster than XLA:CPU's 1x1 conv (equal up to float summation order).
 
