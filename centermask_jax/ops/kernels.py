@@ -73,6 +73,11 @@ def lax_conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1):
       dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
+def _out_hw(x, kernel, stride: int, pad: int):
+  """x [N, H, W, C], kernel [kh, kw, ...] -> the conv's output (H', W')."""
+  return tuple((x.shape[1 + a] + 2 * pad - kernel.shape[a]) // stride + 1 for a in (0, 1))
+
+
 def _tap(xp, i, j, stride, ho, wo):
   """Strided slice of the padded input seen by kernel tap (i, j): [N, ho, wo, C]."""
   n, _, _, c = xp.shape
@@ -108,10 +113,9 @@ def depthwise_shifted(x, kernel, stride: int = 1, pad: int = 0):
 
 
 def _depthwise_fwd(x, kernel, stride, pad):
-  n, h, w, c = x.shape
+  c = x.shape[-1]
   kh, kw = kernel.shape[:2]
-  ho = (h + 2 * pad - kh) // stride + 1
-  wo = (w + 2 * pad - kw) // stride + 1
+  ho, wo = _out_hw(x, kernel, stride, pad)
   xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
   k = kernel.reshape(kh, kw, c).astype(x.dtype)
   return _shifted_macs(xp, k, stride, ho, wo), (x, kernel)
@@ -201,7 +205,7 @@ def _dk_banded(xp, g, stride: int, kh: int, kw: int, acc, rows: int = DK_BAND_RO
 
   Bands of `rows` output rows in a scan: each band's kh*kw taps side by side ([N*rows*W',
   kh*kw*C], im2col) times the band's g, accumulated (only one band's im2col exists)."""
-  n, hp, wp, c = xp.shape
+  hp, c = xp.shape[1], xp.shape[3]
   ho, wo, d = g.shape[1:]
   bands = -(-ho // rows)
   span = (rows - 1) * stride + kh  # input rows under one band
@@ -299,10 +303,8 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
   elif groups == 1:
     if impl is None:
       impl = DENSE_IMPL.get(_backend(), "lax")
-      k = kernel.shape[0] * kernel.shape[1]
-      ho = (x.shape[1] + 2 * pad - kernel.shape[0]) // stride + 1
-      wo = (x.shape[2] + 2 * pad - kernel.shape[1]) // stride + 1
-      if k > 1 and x.shape[0] * ho * wo < DK_BANDED_MIN_POSITIONS:
+      ho, wo = _out_hw(x, kernel, stride, pad)
+      if kernel.shape[0] * kernel.shape[1] > 1 and x.shape[0] * ho * wo < DK_BANDED_MIN_POSITIONS:
         impl = "lax"
     if impl == "dot":
       return conv2d_dot_grad(x, kernel, stride, pad)
