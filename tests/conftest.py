@@ -3,17 +3,31 @@ import contextlib
 import os
 import pathlib
 
+from centermask_jax.compilation_cache import MAX_BYTES  # imports nothing from jax
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# Persistent compilation cache: off unless CENTERMASK_JAX_CACHE_DIR names a directory. A
-# full-suite run with it on aborted (SIGABRT) reading back an executable in
-# test_shard_map_step_equals_pmap_step (jax 0.10.2, XLA:CPU, 4 host devices), and CI
-# starts from an empty cache anyway; tests that check the cache set it up themselves.
-_CACHE = os.environ.setdefault("CENTERMASK_JAX_CACHE_DIR", "none")  # subprocesses too
+# Persistent compilation cache shared by one run's xdist workers and every subprocess they
+# start (train.py, eval.py, workers): many tests compile the same programs. A fresh
+# directory per run (made by the first process, which removes it at exit), so every run
+# still compiles each program once; CENTERMASK_JAX_CACHE_DIR=DIR keeps one, "none" turns it
+# off. Bounded, so jax locks the directory (compilation_cache.MAX_BYTES): unbounded, a worker
+# could read an executable the other was still writing. Compile counts are unaffected
+# (conftest.Compiles sees cache hits as compiles); tests that check the cache itself set
+# their own directory.
+if "CENTERMASK_JAX_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  _run_cache = tempfile.mkdtemp(prefix="centermask-jax-tests-xla-")
+  os.environ["CENTERMASK_JAX_CACHE_DIR"] = _run_cache  # inherited by workers, subprocesses
+  atexit.register(shutil.rmtree, _run_cache, True)
+_CACHE = os.environ["CENTERMASK_JAX_CACHE_DIR"]
 if _CACHE.lower() not in ("none", "off"):
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(MAX_BYTES))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -18,13 +18,14 @@ jax.monitoring.register_event_listener(
 d = compilation_cache.enable(sys.argv[1], min_compile_time_s=0.0)
 f = jax.jit(lambda x: jnp.sin(x) @ jnp.cos(x).T + 1.0)
 y = f(jnp.ones((64, 64)))
-print(d, len(hits), float(y[0, 0]))
+print(d, len(hits), float(y[0, 0]), jax.config.jax_compilation_cache_max_size)
 """
 
 
 def _run(arg):
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  env.pop("JAX_COMPILATION_CACHE_MAX_SIZE", None)
   r = subprocess.run([sys.executable, "-c", _CHILD, arg], env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-2000:]
@@ -35,6 +36,9 @@ def test_second_process_hits_the_cache(tmp_path):
   d = str(tmp_path / "xla")
   first = _run(d)
   assert first[0] == d and first[1] == "0" and os.listdir(d)
+  # bounded, so jax reads and writes the directory under its file lock
+  assert int(first[3]) == compilation_cache.MAX_BYTES
+  assert os.path.exists(os.path.join(d, ".lockfile"))
   second = _run(d)
   assert int(second[1]) >= 1 and second[2] == first[2]  # cached executables, same result
 
