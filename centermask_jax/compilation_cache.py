@@ -10,7 +10,8 @@ The cache is given a size bound (`MAX_BYTES`, least recently used entries evicte
 bound, jax takes a file lock around every read and write of the directory, so processes
 sharing it (two trainers, pytest-xdist workers, a train and an eval) never read an
 executable another one is still writing. Unbounded, jax writes entries unlocked and a
-reader can deserialise a truncated file (seen: SIGABRT in a two-worker test run).
+reader can deserialise a truncated file (the likely cause of a SIGABRT once seen in a
+two-worker test run with the cache on).
 """
 import os
 from typing import Optional
