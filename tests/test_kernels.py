@@ -38,9 +38,12 @@ def test_depthwise_shifted_equals_lax_conv(n, h, w, c, k, s, p):
 
 @pytest.mark.parametrize("n,h,w,c,k,s", [(2, 37, 29, 3, 3, 1), (1, 23, 41, 5, 3, 2),
                                          (1, 5, 3, 4, 3, 1), (2, 17, 19, 2, 5, 2)])
-def test_depthwise_dk_blocks_equal_float64_sum(n, h, w, c, k, s):
+@pytest.mark.parametrize("block_min", [1, K.DK_BLOCK_MIN])
+def test_depthwise_dk_blocks_equal_float64_sum(n, h, w, c, k, s, block_min, monkeypatch):
   """The blocked kernel gradient (row x column block partial sums, short last blocks, more
-  blocks than rows) == sum over N, y, x of tap * g in float64."""
+  blocks than rows; and the fewer blocks small maps get by default) == sum over N, y, x of
+  tap * g in float64."""
+  monkeypatch.setattr(K, "DK_BLOCK_MIN", block_min)
   xp = _rand((n, h, w, c), 20)
   ho, wo = (h - k) // s + 1, (w - k) // s + 1
   g = _rand((n, ho, wo, c), 21)

@@ -140,8 +140,11 @@ def _depthwise_bwd(stride, pad, res, g):
   return dx, dk
 
 
-# Row x column blocks of the depthwise kernel gradient's partial sums (see `_depthwise_dk`).
+# Row x column blocks of the depthwise kernel gradient's partial sums (see `_depthwise_dk`):
+# at most DK_BLOCKS, and blocks of at least DK_BLOCK_MIN rows / columns (each block is a
+# few ops per tap to compile; on small maps more blocks buy no run time).
 DK_BLOCKS = (8, 4)
+DK_BLOCK_MIN = 16
 
 
 def _blocks(size, count):
@@ -157,14 +160,16 @@ def _depthwise_dk(xp, g, stride, kh, kw):
 
   XLA:CPU does not fuse a product into a reduction over major dimensions, so
   `sum(tap * g, axis=(0, 1, 2))` writes every tap product out before summing it. Here each
-  tap is first summed over DK_BLOCKS row x column blocks of the map as one elementwise
-  add chain (one fused loop that reads x and g once and writes 1/32 of the map), and only
-  those partial sums (stacked over the taps) go through XLA's reduction.
+  tap is first summed over row x column blocks of the map (DK_BLOCKS, fewer on small maps:
+  DK_BLOCK_MIN) as one elementwise add chain (one fused loop that reads x and g once and
+  writes 1/32 of the map), and only those partial sums (stacked over the taps) go through
+  XLA's reduction.
   """
   n, ho, wo, c = g.shape
   acc = jnp.promote_types(xp.dtype, jnp.float32)
-  hb, rows = _blocks(ho, DK_BLOCKS[0])
-  wb, cols = _blocks(wo, DK_BLOCKS[1])
+  nh, nw = (max(1, min(b, size // DK_BLOCK_MIN)) for b, size in zip(DK_BLOCKS, (ho, wo)))
+  hb, rows = _blocks(ho, nh)
+  wb, cols = _blocks(wo, nw)
   parts = []
   for i in range(kh):
     for j in range(kw):
