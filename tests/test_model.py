@@ -61,6 +61,9 @@ def test_value_count_and_keys_match_listing(path):
 TWINS = {"centermask_V_57_eSE_FPN_ms_3x", "centermask_V_99_eSE_FPN_ms_3x",  # of V-39
          "centermask_V_57_eSE_dcn_FPN_ms_3x", "centermask_V_99_eSE_dcn_FPN_ms_3x",
          "centermask_R_101_FPN_ms_3x",  # of R-50
+         # of R-50; its ResNeXt blocks against torch in test_backbones_resnet_mobilenet
+         "centermask_X_101_FPN_ms_3x",
+         "centermask_lite_R_50_FPN_ms_4x",  # backbone of R-50, heads of the Lite parity configs
          "centermask_lite_V_39_eSE_FPN_ms_4x",  # of Lite V-19 (backbone: of V-39)
          "centermask_lite_V_19_slim_eSE_FPN_ms_4x"}  # of Lite V-19
 
