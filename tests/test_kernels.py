@@ -1,4 +1,6 @@
 """ops/kernels.py: every rewrite equals XLA's plain conv up to float rounding (fwd + grads)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,18 +22,32 @@ def _rand(shape, seed):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
+# The tests below run their computations jitted (one program per case): eagerly, every
+# primitive of the shifted multiply-adds was its own XLA compile (100-300 per case).
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _shifted_and_lax(x, kern, s, p):
+  return (K.lax_conv2d(x, kern, s, p, groups=x.shape[-1]), K.depthwise_shifted(x, kern, s, p))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _shifted_and_lax_grads(x, kern, g, s, p):
+  """Gradients w.r.t. input and kernel of a non-linear function of the output, for
+  (lax, shifted)."""
+  c = x.shape[-1]
+  f = lambda fn: jax.grad(lambda a, b: jnp.sum(jnp.tanh(fn(a, b)) * g), (0, 1))(x, kern)
+  return (f(lambda a, b: K.lax_conv2d(a, b, s, p, groups=c)),
+          f(lambda a, b: K.depthwise_shifted(a, b, s, p)))
+
+
 @pytest.mark.parametrize("n,h,w,c,k,s,p", CASES)
 def test_depthwise_shifted_equals_lax_conv(n, h, w, c, k, s, p):
   x, kern = _rand((n, h, w, c), 0), _rand((k, k, 1, c), 1)
-  ref = K.lax_conv2d(x, kern, s, p, groups=c)
-  out = K.depthwise_shifted(x, kern, s, p)
+  ref, out = _shifted_and_lax(x, kern, s, p)
   assert out.shape == ref.shape
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   # gradients w.r.t. input and kernel of a non-linear function of the output
   g = _rand(ref.shape, 2)
-  f = lambda fn: jax.grad(lambda a, b: jnp.sum(jnp.tanh(fn(a, b)) * g), (0, 1))(x, kern)
-  gx_ref, gk_ref = f(lambda a, b: K.lax_conv2d(a, b, s, p, groups=c))
-  gx, gk = f(lambda a, b: K.depthwise_shifted(a, b, s, p))
+  (gx_ref, gk_ref), (gx, gk) = _shifted_and_lax_grads(x, kern, g, s, p)
   np.testing.assert_allclose(gx, gx_ref, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(gk, gk_ref, rtol=1e-4, atol=1e-4)
 
@@ -47,7 +63,7 @@ def test_depthwise_dk_blocks_equal_float64_sum(n, h, w, c, k, s, block_min, monk
   xp = _rand((n, h, w, c), 20)
   ho, wo = (h - k) // s + 1, (w - k) // s + 1
   g = _rand((n, ho, wo, c), 21)
-  got = K._depthwise_dk(xp, g, s, k, k)
+  got = jax.jit(K._depthwise_dk, static_argnums=(2, 3, 4))(xp, g, s, k, k)
   a, b = np.asarray(xp, np.float64), np.asarray(g, np.float64)
   ref = np.stack([np.sum(a[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s] * b,
                          axis=(0, 1, 2)) for i in range(k) for j in range(k)])
