@@ -121,10 +121,10 @@ def _features(rng, canvas=CANVAS, channels=3, garbage=np.nan):
   return feats, maps
 
 
-@functools.partial(jax.jit, static_argnames=("stride", "sampling_ratio", "aligned"))
-def _roi_align_jit(feats, boxes, padded_hw, stride, sampling_ratio, aligned):
+@functools.partial(jax.jit, static_argnames=("stride", "sampling_ratio", "aligned", "max_grid"))
+def _roi_align_jit(feats, boxes, padded_hw, stride, sampling_ratio, aligned, max_grid=None):
   return ra.roi_align(feats, boxes, padded_hw, stride, output_size=14,
-                      sampling_ratio=sampling_ratio, aligned=aligned)
+                      sampling_ratio=sampling_ratio, aligned=aligned, max_grid=max_grid)
 
 
 @pytest.mark.parametrize("canvas", [CANVAS, (24, 16)])  # both contraction orders
@@ -158,8 +158,9 @@ def test_sample_window_matters_for_big_boxes():
   feats, maps = _features(rng, garbage=0.0)
   boxes = _boxes(rng)[:, 11:12]
   want = ref_roi_align(maps[0], boxes[0, 0], 1 / STRIDE, 14, 0, True)
-  full = ra.roi_align(feats, boxes, PADDED_HW, STRIDE)
-  short = ra.roi_align(feats, boxes, PADDED_HW, STRIDE, max_grid=4)
+  # jitted (roi_align's defaults: 14 x 14, adaptive grid, aligned): eagerly ~160 compiles
+  full = _roi_align_jit(feats, boxes, PADDED_HW, STRIDE, 0, True)
+  short = _roi_align_jit(feats, boxes, PADDED_HW, STRIDE, 0, True, max_grid=4)
   assert np.abs(np.asarray(full[0, 0]) - want).max() <= 1e-5
   assert np.abs(np.asarray(short[0, 0]) - want).max() > 1e-2
 
