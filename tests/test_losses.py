@@ -45,8 +45,10 @@ def test_fcos_losses_match_fixture(lite_fixture, canvas):
     rng = np.random.default_rng(0)
     logits, ctr = pad_canvas(logits, level_hw, rng), pad_canvas(ctr, level_hw, rng)
     reg = [np.abs(r) for r in pad_canvas(reg, level_hw, rng)]
-  t = T.fcos_targets(gt["gt_boxes"], gt["gt_classes"], gt["gt_valid"], level_hw,
-                     np.array([PADDED] * 2, np.int32))
+  # jitted (level_hw static): eagerly, every primitive was its own compile (~100)
+  t = jax.jit(T.fcos_targets, static_argnums=3)(
+      gt["gt_boxes"], gt["gt_classes"], gt["gt_valid"], tuple(map(tuple, level_hw)),
+      np.array([PADDED] * 2, np.int32))
   out = jax.jit(Lo.fcos_losses)(logits, reg, ctr, t["labels"], t["reg_targets"], t["loc_valid"])
   assert float(out["num_pos"]) == tr["fcos_num_pos"]
   for name in ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"):

@@ -20,6 +20,17 @@ STRIDES = (8, 16, 32, 64, 128)
 PADDED = (608, 928)
 
 
+# FCOS targets jitted (level_hw, strides, sizes, radius, classes static): eagerly, every
+# primitive was its own XLA compile (~110-130 per call).
+_FCOS_TARGETS = jax.jit(T.fcos_targets, static_argnums=(3, 5, 6, 7, 8))
+
+
+def fcos_targets(gt_boxes, gt_classes, gt_valid, level_hw, padded_hw, *static):
+  """T.fcos_targets, jitted (level_hw as a hashable tuple)."""
+  return _FCOS_TARGETS(gt_boxes, gt_classes, gt_valid, tuple(map(tuple, level_hw)),
+                       padded_hw, *static)
+
+
 def load_train(fixture, g=6, p=3, v=20):
   """gt_instances.json + train_outputs.npz -> padded batch-contract GT arrays (N = 2)."""
   tr = np.load(fixture / "train_outputs.npz")
@@ -41,8 +52,8 @@ def test_fcos_targets_match_fixture(lite_fixture, canvas):
   official = level_shapes(lite_fixture)
   level_hw = official if canvas == "official" else [(-(-640 // s), -(-1024 // s))
                                                    for s in STRIDES]
-  out = T.fcos_targets(gt["gt_boxes"], gt["gt_classes"], gt["gt_valid"], level_hw,
-                       np.array([PADDED] * 2, np.int32))
+  out = fcos_targets(gt["gt_boxes"], gt["gt_classes"], gt["gt_valid"], level_hw,
+                     np.array([PADDED] * 2, np.int32))
   labels, reg, valid = (np.asarray(out[k]) for k in ("labels", "reg_targets", "loc_valid"))
   # Crop every level to the official region (and check what lies outside it).
   assert valid.sum() == 2 * sum(h * w for h, w in official)
@@ -103,7 +114,7 @@ def test_fcos_targets_numpy_rederivation():
   classes[0, 1] = 3
   valid = np.ones((3, g), bool)
   valid[2, 10:] = False
-  out = T.fcos_targets(boxes, classes, valid, level_hw, padded, strides, soi, 1.5, 7)
+  out = fcos_targets(boxes, classes, valid, level_hw, padded, strides, soi, 1.5, 7)
   per_level = np.zeros(3, int)
   for n in range(3):
     ref_l, ref_r = numpy_fcos_targets(boxes[n][valid[n]], classes[n][valid[n]], level_hw,
