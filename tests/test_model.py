@@ -13,6 +13,7 @@ from centermask_jax.checkpoints import official
 from centermask_jax.config import load_config
 from centermask_jax.models.centermask import CenterMask, count_values
 from centermask_jax.training import trainer
+from fast_init import jit_init
 from test_parity import configs_run_here
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -183,11 +184,13 @@ def test_vovnet_gn_backbone_is_padding_exact_and_named_like_detectron2():
   big = np.full((1, 128, 128, 3), 300.0, np.float32)
   big[:, :96, :96] = x
   hw = jnp.array([[96, 96]], jnp.int32)
-  v = net.init(jax.random.PRNGKey(1), x, hw)
+  # jitted init and forward: eagerly, every primitive was its own XLA compile (~740)
+  v = jit_init(net, jax.random.PRNGKey(1), x, hw)
   assert set(v) == {"params"}  # no frozen buffers
-  v = jax.tree_util.tree_map(lambda a: a + 0.1 * np.random.default_rng(0).normal(
+  v = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.1 * np.random.default_rng(0).normal(
       size=a.shape).astype(np.float32), v)  # non-trivial GN affine parameters
-  small_out, big_out = net.apply(v, x, hw), net.apply(v, big, hw)
+  run = jax.jit(net.apply)
+  small_out, big_out = run(v, x, hw), run(v, big, hw)
   for name, stride in (("stem", 4), ("stage3", 8), ("stage5", 32)):
     s = 96 // stride
     a, b = np.asarray(small_out[name]), np.asarray(big_out[name])[:, :s, :s]
