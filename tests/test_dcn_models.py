@@ -15,6 +15,7 @@ from centermask_jax.checkpoints import official
 from centermask_jax.config import load_config
 from centermask_jax.models.centermask import CenterMask
 from conftest import REPO, STATE_DICT_KEYS, require
+from fast_init import jit_init
 
 DCN_CONFIGS = ["centermask_V_39_eSE_dcn_FPN_ms_3x", "centermask_V_57_eSE_dcn_FPN_ms_3x",
                "centermask_V_99_eSE_dcn_FPN_ms_3x"]
@@ -136,7 +137,9 @@ def test_dcn_backbone_same_numbers_on_larger_canvas():
   net = VoVNet("V-19-slim-eSE", stage_with_dcn=(False, True, True, True))
   rng = np.random.default_rng(1)
   img = rng.standard_normal((1, 64, 96, 3)).astype(np.float32)
-  v = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)), jnp.array([[128, 128]]))
+  # jitted init: eagerly, every primitive was its own XLA compile (~500)
+  v = jit_init(net, jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)),
+               jnp.array([[128, 128]]))
   v = {**v, "params": _perturb_offsets(v["params"], 0.3)}
   run = jax.jit(net.apply)
   small = run(v, jnp.asarray(img), jnp.array([[64, 96]]))
