@@ -135,17 +135,19 @@ def test_resume_banner_restore_and_finished_run(tmp_path, monkeypatch):
   from test_train import FakeIterator, tiny_config
   from centermask_jax.training import step as S, trainer
 
+  import jax
+  # one jitted program for the parameter update (eagerly, a compile per leaf shape)
+  bump = jax.jit(lambda params: jax.tree_util.tree_map(lambda p: p + 1.0, params))
+
   def make_train_step(model, config, tx, lr_fn, devices=None, fg_slots=None):
     def p_step(state, batch, rng):
-      state = dict(state, step=state["step"] + 1,
-                   params=jax.tree_util.tree_map(lambda p: p + 1.0, state["params"]))
+      state = dict(state, step=state["step"] + 1, params=bump(state["params"]))
       n = len(devices)
       m = {k: np.full((n,), 0.25, np.float32) for k in S.LOSS_KEYS}
       m.update(total_loss=np.full((n,), 1.25, np.float32), lr=np.full((n,), 1e-3))
       return state, m
     return p_step
 
-  import jax
   monkeypatch.setattr(S, "make_train_step", make_train_step)
   c = tiny_config()
   c.optim.max_iter = 5
