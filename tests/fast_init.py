@@ -5,8 +5,9 @@ Run eagerly, `init` compiles every primitive of the forward it traces and one
 at XLA's default CPU backend optimisation level, the random initialisers still take ~15 s to
 compile for a VoVNet backbone. Level 1 compiles them in ~6 s and, for these integer hash +
 elementwise programs, gives the same numbers as the default jit (checked bit for bit on
-V-19-slim-dw-eSE GN; eager init differs from either by at most 2 ulp in some leaves). Init
-only: the forward passes under test keep the default compile options.
+the three backbones of the tests that use it: V-19-slim-dw-eSE GN and FrozenBN,
+V-19-slim-eSE with DCN; eager init differs from either by at most 2 ulp in some leaves).
+Init only: the forward passes under test keep the default compile options.
 """
 import jax
 
