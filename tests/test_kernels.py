@@ -63,7 +63,9 @@ def test_depthwise_dk_blocks_equal_float64_sum(n, h, w, c, k, s, block_min, monk
   xp = _rand((n, h, w, c), 20)
   ho, wo = (h - k) // s + 1, (w - k) // s + 1
   g = _rand((n, ho, wo, c), 21)
-  got = jax.jit(K._depthwise_dk, static_argnums=(2, 3, 4))(xp, g, s, k, k)
+  # a fresh jitted function per case: traced under this case's DK_BLOCK_MIN (jax's trace
+  # cache, keyed by function and shapes, would not see the patched global)
+  got = jax.jit(lambda xp, g: K._depthwise_dk(xp, g, s, k, k))(xp, g)
   a, b = np.asarray(xp, np.float64), np.asarray(g, np.float64)
   ref = np.stack([np.sum(a[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s] * b,
                          axis=(0, 1, 2)) for i in range(k) for j in range(k)])
