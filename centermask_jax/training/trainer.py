@@ -117,9 +117,10 @@ def _train_canvases(config):
 def random_variables(model: CenterMask, rng, canvas_hw=(128, 128)):
   """Spec-initialised variables of `model` as NumPy, traced and compiled as one program.
   Eager `model.init` compiles every layer's ops one by one and keeps those programs:
-  tiny Lite model 24 s and ~1 GB of host memory held for the run, against 8 s and none."""
-  init = jax.jit(model.init, static_argnums=1)
-  variables = jax.tree_util.tree_map(np.asarray, init(rng, tuple(canvas_hw)))
+  tiny Lite model 24 s and ~1 GB of host memory held for the run, against 8 s and none
+  (`parallel.compile_run_once`)."""
+  init = parallel.compile_run_once(model.init, rng, tuple(canvas_hw), static_argnums=1)
+  variables = jax.tree_util.tree_map(np.asarray, init(rng))
   parallel.release_host_memory()  # the heap the compile freed
   return variables
 
