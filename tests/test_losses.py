@@ -9,6 +9,7 @@ from centermask_jax.training import losses as Lo
 from centermask_jax.training import mask_targets as MT
 from centermask_jax.training import targets as T
 from fixture_gt import load_gt
+from test_targets import fcos_targets  # jitted (eagerly ~100 primitive compiles)
 
 LEVELS = ("p3", "p4", "p5", "p6", "p7")
 STRIDES = (8, 16, 32, 64, 128)
@@ -45,10 +46,8 @@ def test_fcos_losses_match_fixture(lite_fixture, canvas):
     rng = np.random.default_rng(0)
     logits, ctr = pad_canvas(logits, level_hw, rng), pad_canvas(ctr, level_hw, rng)
     reg = [np.abs(r) for r in pad_canvas(reg, level_hw, rng)]
-  # jitted (level_hw static): eagerly, every primitive was its own compile (~100)
-  t = jax.jit(T.fcos_targets, static_argnums=3)(
-      gt["gt_boxes"], gt["gt_classes"], gt["gt_valid"], tuple(map(tuple, level_hw)),
-      np.array([PADDED] * 2, np.int32))
+  t = fcos_targets(gt["gt_boxes"], gt["gt_classes"], gt["gt_valid"], level_hw,
+                   np.array([PADDED] * 2, np.int32))
   out = jax.jit(Lo.fcos_losses)(logits, reg, ctr, t["labels"], t["reg_targets"], t["loc_valid"])
   assert float(out["num_pos"]) == tr["fcos_num_pos"]
   for name in ("loss_fcos_cls", "loss_fcos_loc", "loss_fcos_ctr"):
