@@ -128,8 +128,9 @@ def _one_init_program_per_config():
     key = (program, np.asarray(jax.random.key_data(rng)).tobytes())
     if key not in made:
       if program not in programs:  # the trainer's program, kept for the other rngs
-        programs[program] = jax.jit(model.init, static_argnums=1)
-      made[key] = jax.tree_util.tree_map(np.asarray, programs[program](rng, tuple(canvas_hw)))
+        programs[program] = parallel.compile_run_once(model.init, rng, tuple(canvas_hw),
+                                                      static_argnums=1)
+      made[key] = jax.tree_util.tree_map(np.asarray, programs[program](rng))
     return jax.tree_util.tree_map(np.copy, made[key])
 
   with pytest.MonkeyPatch.context() as mp:
