@@ -47,9 +47,12 @@ def data(tiny_coco, tmp_path_factory):
 @pytest.fixture(scope="module")
 def variables():
   from centermask_jax.models.centermask import CenterMask
-  # one compiled init: the eager one compiles each layer's ops one by one (~2x the CPU)
-  return jax.jit(CenterMask(_config()).init, static_argnums=1)(jax.random.PRNGKey(0),
-                                                                (128, 128))
+  from centermask_jax import parallel
+  # one compiled init, as trainer.random_variables compiles it (the eager one compiles each
+  # layer's ops one by one, ~2x the CPU)
+  rng = jax.random.PRNGKey(0)
+  return parallel.compile_run_once(CenterMask(_config()).init, rng, (128, 128),
+                                   static_argnums=1)(rng)
 
 
 def _results(d):
