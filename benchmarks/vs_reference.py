@@ -239,13 +239,18 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
     fresh = lambda: parallel.replicate(host_state, devices)  # noqa: E731
     state = [fresh()]
     # The trainer's foreground slot buckets (train.fg_slot_buckets): its first step runs on
-    # all slots, later ones on the bucket holding the count seen; the first call here does
-    # both (compile_s counts both compiles), the timed calls run the trainer's steady state.
+    # the bucket holding its batch's count from the forward-only program, later ones on the
+    # bucket holding the counts seen; the first call here does both (compile_s counts the
+    # count program's compile and the step's), the timed calls run the trainer's steady state.
     picker = step_lib.fg_slot_picker(cfg)
     exe = {}
 
+    def first_count():
+      counter = step_lib.make_fg_count(model, cfg, devices)
+      return int(np.max(jax.device_get(counter(state[0], batch, key_))))
+
     def call():
-      k = picker.pick() if picker else None
+      k = picker.pick(first_count) if picker else None
       while True:
         if k not in exe:  # compiled ahead of the first run, as the trainer does
           p_step = step_lib.make_train_step(model, cfg, tx, opt_lib.lr_schedule(cfg),

@@ -10,13 +10,15 @@ from test_train import tiny_config
 
 def test_picker_policy_and_state():
   p = S.FgSlotPicker((16, 32, 64, 118), window=3)
-  assert p.pick() == 118  # no count seen yet: all slots
+  assert p.pick() == 118  # no count seen yet and no count program: all slots
+  assert p.pick(lambda: 20) == 32  # no count seen yet: the bucket of the batch's own count
   assert p.observe(118, 20) is None and p.pick() == 32
   assert p.observe(32, 40) == 64 and p.reruns == 1  # overflow: not recorded, run again
   assert p.pick() == 32
   assert p.observe(64, 40) is None and p.pick() == 64
   assert p.observe(64, 3) is None and p.observe(64, 5) is None
   assert p.pick() == 64  # 40 still in the window of 3
+  assert p.pick(lambda: 1 / 0) == 64  # counts seen: the count program is not run
   assert p.observe(16, 9) is None and p.pick() == 16  # the window moved past 40
   assert p.bucket(500) == 118 and p.bucket(0) == 16
   assert p.step_slots(118) is None and p.step_slots(32) == 32  # the largest: plain step

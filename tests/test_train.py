@@ -354,7 +354,7 @@ def test_trainer_reruns_an_overflowing_step_and_checkpoints_the_history(tmp_path
   again on all 20 slots (the plain step, compiled for the test above); each applied count
   fits its slots and the checkpoint keeps the picker's history for a resume."""
   monkeypatch.setattr(S, "FG_BUCKETS", (1,))
-  monkeypatch.setattr(S.FgSlotPicker, "pick", lambda self: self.buckets[0])
+  monkeypatch.setattr(S.FgSlotPicker, "pick", lambda self, first_count=None: self.buckets[0])
   real = S.make_train_step
   calls = []  # (slots, state before (host copy of two leaves), state after, metrics)
 
@@ -407,6 +407,39 @@ def test_trainer_reruns_an_overflowing_step_and_checkpoints_the_history(tmp_path
   data = json.load(open(os.path.join(work, "checkpoints", "2", "data", "metadata")))
   assert data["fg_recent"] == applied
   assert compiles.longer_than(mark, 5.0).count("jit(_fun)") == 1  # the 1-slot step only
+
+
+def test_first_step_runs_on_the_bucket_of_its_forward_count(setup, tmp_path, monkeypatch,
+                                                             compiles):
+  """A fresh run (no count seen): the trainer reads the first batch's foreground count from
+  the forward-only program (step.make_fg_count) and runs the first step on the bucket
+  holding it, here all 20 slots of buckets (1, 20) (the update step of test_resume): no
+  step on 1 slot, no rerun, and the count is the step's own fg_max. The count program does
+  not recompile for a second batch of the same canvas."""
+  import re
+  monkeypatch.setattr(S, "FG_BUCKETS", (1,))
+  c = tiny_config()
+  c.train.eval_every = -1
+  assert S.fg_buckets(c) == (1, 20)
+  work = str(tmp_path / "w")
+  out = trainer.train_and_evaluate(c, work, FakeIterator(4, 1), num_steps=1,
+                                   async_checkpoints=False, quiet=True)
+  assert out["step"] == 1
+  log = open(os.path.join(work, "log.txt")).read()
+  got = re.search(r"(\d+) in an image \(.*\): the first step on 20 slots", log)
+  assert got and "run again" not in log, log[-2000:]
+  rows = [json.loads(line) for line in open(os.path.join(work, "metrics.jsonl"))]
+  assert int(rows[0]["fg_max"]) == int(got.group(1)) > 1 and rows[0]["fg_reruns_total"] == 0
+  model, v = setup[1], setup[2]
+  state = parallel.replicate(S.init_state(v["params"], v["frozen_bn"],
+                                          O.make_optimizer(c, v["params"])))
+  count = S.make_fg_count(model, c)
+  it = FakeIterator(4, 1)
+  first = count(state, next(it), jax.random.PRNGKey(0))
+  mark = len(compiles.names)
+  second = count(state, next(it), jax.random.PRNGKey(0))
+  assert compiles.since(mark) == []
+  assert np.all(np.asarray(first) == int(got.group(1))) and np.ptp(np.asarray(second)) == 0
 
 
 def test_nan_loss_stops_with_step(setup, tmp_path):

@@ -11,7 +11,7 @@ State: a dict {"step": int32 [], "params": ..., "frozen_bn": ..., "opt_state": .
 (placed on the devices by `parallel.replicate`).
 """
 import functools
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
@@ -94,8 +94,10 @@ class FgSlotPicker:
   state unchanged and is run again on the bucket holding it, so every applied step saw all
   its foreground RoIs (exact: the rows past the count are padding either way; the largest
   bucket cannot overflow and runs as the plain step, `step_slots`). A step runs
-  on the smallest bucket holding the largest count of the last `window` applied steps (all
-  slots when there is none yet). The history is part of the checkpointed data state
+  on the smallest bucket holding the largest count of the last `window` applied steps; when
+  there is none yet, on the bucket holding its own batch's count, read from a forward-only
+  program (`make_fg_count`: compiling it and the bucket's step costs less than the all-slot
+  step), or on all slots without one. The history is part of the checkpointed data state
   (`state()` / `set_state()`), so a resumed run picks the buckets the uninterrupted one did.
   """
 
@@ -109,8 +111,12 @@ class FgSlotPicker:
     """Smallest bucket holding `count` foreground RoIs (the largest if none does)."""
     return next((b for b in self.buckets if b >= count), self.buckets[-1])
 
-  def pick(self) -> int:
-    return self.bucket(max(self.recent)) if self.recent else self.buckets[-1]
+  def pick(self, first_count: Optional[Callable[[], int]] = None) -> int:
+    """The bucket of the next step; first_count() (called only when no count has been seen)
+    gives the count of the step's own batch."""
+    if self.recent:
+      return self.bucket(max(self.recent))
+    return self.bucket(first_count()) if first_count is not None else self.buckets[-1]
 
   def step_slots(self, slots: int) -> Optional[int]:
     """`make_train_step`'s fg_slots for the bucket `slots`: None (the plain step) for the
@@ -156,6 +162,38 @@ def mask_targets(config, boxes, matched_idx, fg_valid, batch, mask_size: int):
   return mt, ratio, jnp.zeros((), bool)
 
 
+def _compute_dtype(config):
+  return jnp.bfloat16 if bool(config.train.bf16) else jnp.float32
+
+
+def _dense_forward(params, frozen_bn, batch, model: CenterMask, config):
+  """Backbone, FPN and FCOS head in the compute dtype (train.bf16) -> (variables, FPN
+  features, (logits, reg, ctrness) float32 lists over P3..P7)."""
+  compute = _compute_dtype(config)
+  variables = {"params": _cast(params, compute), "frozen_bn": frozen_bn}
+  images = model.normalize(batch["image"], batch["image_hw"]).astype(compute)
+  fpn, _ = model.features(variables, images, batch["padded_hw"])
+  heads = model.fcos(variables, fpn, batch["padded_hw"])
+  return variables, fpn, tuple(_cast(h, jnp.float32) for h in heads)
+
+
+def _train_rois(heads, batch, rng, config, axis_name: Optional[str]):
+  """FCOS train proposals (no gradient) matched to the GT -> (detections, RoIs of
+  `targets.match_rois`: fg [N, R] ...); rng: the step's key (the device index folded in
+  under `axis_name`)."""
+  m, fc = config.model, config.model.fcos
+  det = jax.lax.stop_gradient(fcos_postprocess.fcos_inference(
+      *heads, batch["padded_hw"], strides=tuple(fc.strides), score_thresh=fc.inference_th,
+      pre_nms_topk=fc.pre_nms_topk, nms_thresh=fc.nms_th,
+      post_nms_topk=fc.post_nms_topk_train))
+  if axis_name is not None:
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+  rois = T.match_rois(det["boxes"], det["valid"], batch["gt_boxes"], batch["gt_classes"],
+                      batch["gt_valid"], batch["image_hw"], max_fg=m.roi.max_fg_per_image,
+                      iou_threshold=m.roi.iou_threshold, rng=rng)
+  return det, rois
+
+
 def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
             axis_name: Optional[str] = AXIS, capture: bool = False,
             fg_slots: Optional[int] = None):
@@ -172,15 +210,10 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
   """
   m = config.model
   fc = m.fcos
-  compute = jnp.bfloat16 if bool(config.train.bf16) else jnp.float32
-  variables = {"params": _cast(params, compute), "frozen_bn": frozen_bn}
-  images = model.normalize(batch["image"], batch["image_hw"]).astype(compute)
+  compute = _compute_dtype(config)
+  variables, fpn, (logits, reg, ctr) = _dense_forward(params, frozen_bn, batch, model, config)
   image_hw = batch["image_hw"]
   padded_hw = batch["padded_hw"]
-
-  fpn, _ = model.features(variables, images, padded_hw)
-  logits, reg, ctr = model.fcos(variables, fpn, padded_hw)
-  logits, reg, ctr = (_cast(x, jnp.float32) for x in (logits, reg, ctr))
   level_hw = [tuple(x.shape[1:3]) for x in logits]
 
   tg = T.fcos_targets(batch["gt_boxes"], batch["gt_classes"], batch["gt_valid"], level_hw,
@@ -191,15 +224,7 @@ def loss_fn(params, frozen_bn, batch, rng, *, model: CenterMask, config,
                      axis_name=axis_name, focal_alpha=fc.focal_alpha,
                      focal_gamma=fc.focal_gamma)
 
-  det = jax.lax.stop_gradient(fcos_postprocess.fcos_inference(
-      logits, reg, ctr, padded_hw, strides=tuple(fc.strides), score_thresh=fc.inference_th,
-      pre_nms_topk=fc.pre_nms_topk, nms_thresh=fc.nms_th,
-      post_nms_topk=fc.post_nms_topk_train))
-  if axis_name is not None:
-    rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-  rois = T.match_rois(det["boxes"], det["valid"], batch["gt_boxes"], batch["gt_classes"],
-                      batch["gt_valid"], image_hw, max_fg=m.roi.max_fg_per_image,
-                      iou_threshold=m.roi.iou_threshold, rng=rng)
+  det, rois = _train_rois((logits, reg, ctr), batch, rng, config, axis_name)
   slots = fg_buckets(config, rois["fg"].shape[1])[-1]
   k = slots if fg_slots is None else min(int(fg_slots), slots)
 
@@ -297,6 +322,26 @@ def train_step(state, batch, rng, *, model, config, tx, lr_fn, axis_name=AXIS,
   new_state = {"step": new_step, "params": params, "frozen_bn": state["frozen_bn"],
                "opt_state": opt_state}
   return new_state, metrics
+
+
+def fg_count(state, batch, rng, *, model, config, axis_name=AXIS):
+  """The foreground count `train_step` would report for this batch (metrics["fg_max"]:
+  the all-device largest per-image foreground RoI count), from the forward alone (backbone,
+  heads, train proposals, RoI matching; no mask branch, no gradients) -> float32 []."""
+  rng = jax.random.fold_in(rng, state["step"])
+  _, _, heads = _dense_forward(state["params"], state["frozen_bn"], batch, model, config)
+  _, rois = _train_rois(heads, batch, rng, config, axis_name)
+  fg_max = jnp.max(jnp.sum(rois["fg"], axis=1)).astype(jnp.float32)
+  return fg_max if axis_name is None else jax.lax.pmax(fg_max, axis_name)
+
+
+def make_fg_count(model, config, devices=None):
+  """`fg_count` mapped as `make_train_step`'s pmap (state [D, ...], batch [D, B, ...], rng)
+  -> [D] (equal entries): what the trainer's first step picks its slot bucket from when no
+  count has been seen yet (`FgSlotPicker.pick`), so that it compiles that bucket's step
+  instead of the all-slot one. The state is not donated."""
+  fn = functools.partial(fg_count, model=model, config=config, axis_name=AXIS)
+  return parallel.make_pmap_step(fn, devices, donate_state=False)
 
 
 # Codes of metrics["nonfinite"]: the first non-finite quantity of a step, in this order.

@@ -387,6 +387,18 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
     """The iterator position (+ the fg slot picker's history) saved with a checkpoint."""
     return dict(train_iter.get_state(), **(picker.state() if picker else {}))
 
+  def first_count(rstate, batch):
+    """The foreground count of the first step's batch (no count seen yet), from the
+    forward-only program of `step.make_fg_count` (compiled, run once, then dropped)."""
+    pull()
+    _say("counting the first batch's foreground RoIs to pick its slot bucket...")
+    t0 = time.perf_counter()
+    count = step_lib.make_fg_count(model, config, devices)(rstate, batch, step_rng)
+    count = int(np.max(jax.device_get(count)))
+    _say(f"{count} in an image ({time.perf_counter() - t0:.1f} s with the compile): "
+         f"the first step on {picker.bucket(count)} slots")
+    return count
+
   def run_step(rstate, batch, canvas, k):
     """The step for (canvas, fg slots k), compiled first if new -> (state, metrics,
     compiled now)."""
@@ -412,7 +424,7 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
       batch = next(train_iter)
       canvas = tuple(int(v) for v in np.shape(batch["image"])[-3:-1])
       t0 = time.perf_counter()
-      k = picker.pick() if picker else None
+      k = picker.pick(lambda: first_count(rstate, batch)) if picker else None
       rstate, metrics, compiling = run_step(rstate, batch, canvas, k)
       while picker is not None:  # the host reads the step's foreground count
         fg_max = int(np.max(jax.device_get(metrics["fg_max"])))
