@@ -196,6 +196,35 @@ def test_vovnet_pth_into_vovnet(tmp_path, legacy):
     np.testing.assert_array_equal(v, ref, err_msg=key)
 
 
+def test_zip_pth_read_without_pytorch(tmp_path, monkeypatch):
+  """torch.save zip archives are read without importing PyTorch: every dtype a state dict
+  holds, tensors sharing one storage at offsets, non-contiguous views and Parameters come
+  back equal to torch.load's (bfloat16 / float64 widened or narrowed to float32 only by
+  read_checkpoint's float32 rule)."""
+  torch = pytest.importorskip("torch")
+  gen = torch.Generator().manual_seed(0)
+  base = torch.randn(6, 5, generator=gen)
+  sd = {"a.weight": torch.nn.Parameter(torch.randn(4, 3, 3, 3, generator=gen)),
+        "b.half": torch.randn(7, generator=gen).half(),
+        "b.bf16": torch.randn(5, generator=gen).bfloat16(),
+        "b.double": torch.randn(2, 2, generator=gen).double(),
+        "c.rows": base[2:4],           # shares base's storage, at an offset
+        "c.t": base.t(),               # non-contiguous view of it
+        "c.base": base,
+        "d.count": torch.tensor(7), "d.mask": torch.tensor([True, False]),
+        "d.idx": torch.arange(5, dtype=torch.int32)}
+  path = tmp_path / "m.pth"
+  torch.save({"model": sd, "iteration": 3}, path)
+  want = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+          for k, v in sd.items()}
+  monkeypatch.setitem(__import__("sys").modules, "torch", None)  # import torch now fails
+  fmt, got = official.read_checkpoint(str(path))
+  assert fmt == "pytorch" and set(got) == set(want)
+  for k, v in want.items():
+    assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
 # ------------------------------------------------------------------------- refusals
 class _Evil:
   def __reduce__(self):

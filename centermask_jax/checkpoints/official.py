@@ -106,6 +106,76 @@ def _not_a_checkpoint(path, what):
   return CheckpointFormatError(f"{path} is {what}, not a checkpoint; expected {ACCEPTED}")
 
 
+# torch.save's typed storage classes -> NumPy dtype names (bfloat16 from ml_dtypes)
+_TORCH_STORAGES = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool"}
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+  """torch._utils._rebuild_tensor_v2 for a NumPy storage -> an owned array."""
+  itemsize = storage.dtype.itemsize
+  view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                         strides=tuple(s * itemsize for s in stride))
+  return np.array(view)
+
+
+class _TorchZipUnpickler(pickle.Unpickler):
+  """data.pkl of a torch.save zip archive -> NumPy arrays, without PyTorch: storages are
+  read from the archive's data/ entries; globals other than tensor rebuilding, the typed
+  storages and OrderedDict are refused (what torch.load(weights_only=True) accepts for a
+  state dict)."""
+
+  def __init__(self, file, archive, prefix: str):
+    super().__init__(file, encoding="latin1")
+    self._archive, self._prefix, self._storages = archive, prefix, {}
+
+  def find_class(self, module, name):
+    if module == "torch._utils" and name == "_rebuild_tensor_v2":
+      return _rebuild_tensor
+    if module == "torch._utils" and name == "_rebuild_parameter":
+      return lambda data, *_: data
+    if module == "torch" and name in _TORCH_STORAGES:
+      return _TORCH_STORAGES[name]
+    if (module, name) == ("collections", "OrderedDict"):
+      return super().find_class(module, name)
+    raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+  def persistent_load(self, pid):
+    kind, dtype, key = pid[0], pid[1], str(pid[2])
+    if kind != "storage" or not isinstance(dtype, str):
+      raise pickle.UnpicklingError(f"unsupported persistent id {pid[:2]!r}")
+    if key not in self._storages:
+      if dtype == "bfloat16":
+        import ml_dtypes
+        dt = np.dtype(ml_dtypes.bfloat16)
+      else:
+        dt = np.dtype(dtype).newbyteorder("<")
+      raw = self._archive.read(f"{self._prefix}data/{key}")
+      self._storages[key] = np.frombuffer(raw, dt)
+    return self._storages[key]
+
+
+def _read_torch_zip(path):
+  """A torch.save zip archive -> its pickled object with NumPy arrays for tensors (no
+  PyTorch needed; little-endian archives, as torch writes them on every common host)."""
+  import zipfile
+  with zipfile.ZipFile(path) as z:
+    pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
+    prefix = pkl[:-len("data.pkl")]
+    order = f"{prefix}byteorder"
+    if order in z.namelist() and z.read(order).strip() != b"little":
+      return _torch_load(path)  # a big-endian archive: let PyTorch convert it
+    try:
+      return _TorchZipUnpickler(io.BytesIO(z.read(pkl)), z, prefix).load()
+    except pickle.UnpicklingError as e:
+      raise CheckpointFormatError(
+          f"{path}: refusing to load a PyTorch file that holds more than tensors: "
+          f"{str(e).splitlines()[0]}") from None
+
+
 def _torch_load(path):
   try:
     import torch  # optional dependency: pip install centermask_jax[torch]
@@ -151,7 +221,7 @@ def read_checkpoint(path: str) -> Tuple[str, Dict[str, np.ndarray]]:
     raise FileNotFoundError(f"checkpoint not found: {path}")
   kind = sniff_format(path)
   if kind == "pytorch-zip":
-    fmt, obj = "pytorch", _torch_load(path)
+    fmt, obj = "pytorch", _read_torch_zip(path)
   elif kind == "pickle":
     obj = _unpickle_numpy(path)
     if isinstance(obj, int) and obj == _TORCH_LEGACY_MAGIC:
@@ -182,7 +252,7 @@ def read_checkpoint(path: str) -> Tuple[str, Dict[str, np.ndarray]]:
     if hasattr(v, "detach"):  # torch tensor
       v = v.detach().cpu().float().numpy() if v.is_floating_point() else v.cpu().numpy()
     v = np.asarray(v)
-    out[k] = v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
+    out[k] = v.astype(np.float32) if jax.numpy.issubdtype(v.dtype, jax.numpy.floating) else v
   return fmt, out
 
 
