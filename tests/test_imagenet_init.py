@@ -217,12 +217,17 @@ def test_zip_pth_read_without_pytorch(tmp_path, monkeypatch):
   torch.save({"model": sd, "iteration": 3}, path)
   want = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
           for k, v in sd.items()}
+  other = tmp_path / "complex.pth"  # a storage type this reader does not know
+  torch.save({"z": torch.ones(2, dtype=torch.complex64)}, other)
+  assert official.read_checkpoint(str(other))[1]["z"].dtype == np.complex64  # via torch
   monkeypatch.setitem(__import__("sys").modules, "torch", None)  # import torch now fails
   fmt, got = official.read_checkpoint(str(path))
   assert fmt == "pytorch" and set(got) == set(want)
   for k, v in want.items():
     assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
     np.testing.assert_array_equal(got[k], v, err_msg=k)
+  with pytest.raises(official.CheckpointFormatError, match="refusing to unpickle torch.Complex"):
+    official.read_checkpoint(str(other))
 
 
 # ------------------------------------------------------------------------- refusals

@@ -171,9 +171,19 @@ def _read_torch_zip(path):
     try:
       return _TorchZipUnpickler(io.BytesIO(z.read(pkl)), z, prefix).load()
     except pickle.UnpicklingError as e:
+      if "unpickle torch." in str(e) and _torch_importable():
+        return _torch_load(path)  # a torch type this reader does not know: PyTorch's own
       raise CheckpointFormatError(
           f"{path}: refusing to load a PyTorch file that holds more than tensors: "
           f"{str(e).splitlines()[0]}") from None
+
+
+def _torch_importable() -> bool:
+  import importlib.util
+  try:
+    return importlib.util.find_spec("torch") is not None
+  except ValueError:  # torch in sys.modules as None (import disabled)
+    return False
 
 
 def _torch_load(path):
