@@ -47,12 +47,10 @@ def data(tiny_coco, tmp_path_factory):
 @pytest.fixture(scope="module")
 def variables():
   from centermask_jax.models.centermask import CenterMask
-  from centermask_jax import parallel
-  # one compiled init, as trainer.random_variables compiles it (the eager one compiles each
-  # layer's ops one by one, ~2x the CPU)
-  rng = jax.random.PRNGKey(0)
-  return parallel.compile_run_once(CenterMask(_config()).init, rng, (128, 128),
-                                   static_argnums=1)(rng)
+  from centermask_jax.training import trainer
+  # the trainer's init: one compiled program (the eager one compiles each layer's ops one
+  # by one, ~2x the CPU)
+  return trainer.random_variables(CenterMask(_config()), jax.random.PRNGKey(0))
 
 
 def _results(d):
