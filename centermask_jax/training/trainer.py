@@ -389,8 +389,8 @@ def _train(config, workdir, train_iter, num_steps, async_checkpoints, quiet, dev
 
   def first_count(rstate, batch):
     """The foreground count of the first step's batch (no count seen yet), from the
-    forward-only program of `step.make_fg_count` (compiled, run once, then dropped)."""
-    pull()
+    forward-only program of `step.make_fg_count` (compiled, run once, then dropped; only
+    at a run's first step, so no metrics are pending)."""
     _say("counting the first batch's foreground RoIs to pick its slot bucket...")
     t0 = time.perf_counter()
     count = step_lib.make_fg_count(model, config, devices)(rstate, batch, step_rng)
