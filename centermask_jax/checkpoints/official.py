@@ -122,6 +122,16 @@ def _rebuild_tensor(storage, offset, size, stride, *_):
   return np.array(view)
 
 
+class _UnknownTorchType(pickle.UnpicklingError):
+  """A torch global the zip reader does not rebuild (PyTorch itself may)."""
+
+
+def _more_than_tensors(path, error) -> CheckpointFormatError:
+  """The refusal of a PyTorch file whose pickle holds more than tensors."""
+  return CheckpointFormatError(f"{path}: refusing to load a PyTorch file that holds more "
+                               f"than tensors: {str(error).splitlines()[0]}")
+
+
 class _TorchZipUnpickler(pickle.Unpickler):
   """data.pkl of a torch.save zip archive -> NumPy arrays, without PyTorch: storages are
   read from the archive's data/ entries; globals other than tensor rebuilding, the typed
@@ -141,7 +151,8 @@ class _TorchZipUnpickler(pickle.Unpickler):
       return _TORCH_STORAGES[name]
     if (module, name) == ("collections", "OrderedDict"):
       return super().find_class(module, name)
-    raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+    unknown = _UnknownTorchType if module.split(".")[0] == "torch" else pickle.UnpicklingError
+    raise unknown(f"refusing to unpickle {module}.{name}")
 
   def persistent_load(self, pid):
     kind, dtype, key = pid[0], pid[1], str(pid[2])
@@ -171,11 +182,9 @@ def _read_torch_zip(path):
     try:
       return _TorchZipUnpickler(io.BytesIO(z.read(pkl)), z, prefix).load()
     except pickle.UnpicklingError as e:
-      if "unpickle torch." in str(e) and _torch_importable():
+      if isinstance(e, _UnknownTorchType) and _torch_importable():
         return _torch_load(path)  # a torch type this reader does not know: PyTorch's own
-      raise CheckpointFormatError(
-          f"{path}: refusing to load a PyTorch file that holds more than tensors: "
-          f"{str(e).splitlines()[0]}") from None
+      raise _more_than_tensors(path, e) from None
 
 
 def _torch_importable() -> bool:
@@ -195,9 +204,7 @@ def _torch_load(path):
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    raise CheckpointFormatError(
-        f"{path}: refusing to load a PyTorch file that holds more than tensors "
-        f"(torch.load weights_only): {str(e).splitlines()[0]}") from None
+    raise _more_than_tensors(path, e) from None
 
 
 def _unpickle_numpy(path):
