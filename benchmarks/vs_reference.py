@@ -33,8 +33,10 @@ Each (model, mode) runs in its own subprocess: `--warmup` untimed calls, then `-
 (first call minus the median), median and min s, peak RSS the reference's way (high-water
 mark reset after model and inputs are built, read after the last call: warm-up =
 compilation included) and over the timed calls only, the reference row scaled to this
-machine by `../shared/perf/calibrate.py` (run before and after, in this process tree; the
-mean scale is used), and `x` = scaled reference median / our median (> 1: we are faster).
+machine by `../shared/perf/calibrate.py` (run in this process tree before the first row and
+after every row; each row uses the mean of the calibrations just before and just after it,
+because the shared machine's speed drifts by up to 1.5x within minutes), and `x` = scaled
+reference median / our median (> 1: we are faster).
 `cpu_s` is the median process CPU time per call (all threads): on a loaded machine it moves
 less than wall time (the reference used ~1.9 of its 2 cores while measuring); `thr_s` the
 median CPU time of the busiest thread (a lower bound on the wall time that the load moves
@@ -321,6 +323,13 @@ def calibrate(shared):
   return r
 
 
+def row_scale(around):
+  """The calibrations [before, after] a row (None = failed) -> the row's scale: their mean
+  (1.0, the unscaled reference, when none succeeded)."""
+  scales = [c["scale"] for c in around if c]
+  return statistics.mean(scales) if scales else 1.0
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -356,10 +365,10 @@ def main(argv=None):
 
   cal = [] if args.no_calibrate else [calibrate(args.shared)]
   hdr = (f"{'model':18s} {'mode':14s} {'padded':>9s} {'compile_s':>9s} {'median_s':>8s} "
-         f"{'min_s':>7s} {'peakGiB':>7s} {'runGiB':>6s} | {'ref_med':>7s} {'ref_min':>7s} "
-         f"{'refGiB':>6s} {'x_med':>5s} {'x_min':>5s} {'cpu_s':>6s} {'thr_s':>5s}  load  notes")
+         f"{'min_s':>7s} {'peakGiB':>7s} {'runGiB':>6s} | {'scale':>5s} {'ref_med':>7s} "
+         f"{'ref_min':>7s} {'refGiB':>6s} {'x_med':>5s} {'x_min':>5s} {'cpu_s':>6s} "
+         f"{'thr_s':>5s}  load  notes")
   print(hdr, flush=True)
-  scale0 = cal[0]["scale"] if cal and cal[0] else 1.0
   rows = []
   for key in args.models:
     for mode in args.modes:
@@ -371,30 +380,30 @@ def main(argv=None):
       out = subprocess.run(cmd, capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=REPO + os.pathsep +
                                     os.environ.get("PYTHONPATH", "")))
+      if not args.no_calibrate:
+        cal.append(calibrate(args.shared))
       if out.returncode:
         print(f"{MODELS[key][2]:18s} {mode:14s} FAILED\n{out.stderr[-3000:]}", flush=True)
         continue
       r = json.loads(out.stdout.strip().splitlines()[-1])
+      r["scale"] = row_scale(cal[-2:])
       rows.append(r)
       ref_med, ref_min, ref_gib, _ = REFERENCE[(key, mode)]
+      scale0 = r["scale"]
       notes = (f"dets {r['dets']}" if "dets" in r else
                f"GT {r['gt']} fg {r['num_fg']:.0f} loss {r['loss']} "
                f"devices {r['devices']} fg slots {r.get('fg_slots') or 'all'}")
       print(f"{r['label']:18s} {mode:14s} {r['padded']:>9s} {r['compile_s']:9.1f} "
             f"{r['median_s']:8.3f} {r['min_s']:7.3f} {r['peak_gib']:7.2f} {r['run_gib']:6.2f} | "
-            f"{ref_med * scale0:7.3f} {ref_min * scale0:7.3f} {ref_gib:6.2f} "
+            f"{scale0:5.3f} {ref_med * scale0:7.3f} {ref_min * scale0:7.3f} {ref_gib:6.2f} "
             f"{ref_med * scale0 / r['median_s']:5.2f} {ref_min * scale0 / r['min_s']:5.2f} "
             f"{r['cpu_s']:6.2f} {r['thread_cpu_s']:5.2f}  {r['loadavg'][0]:.1f}  {notes}",
             flush=True)
-  if not args.no_calibrate:
-    cal.append(calibrate(args.shared))
   scales = [c["scale"] for c in cal if c]
   scale = statistics.mean(scales) if scales else 1.0
-  if len(scales) == 2:
-    print(f"scale before/after: {scales[0]:.3f} / {scales[1]:.3f}; the table used the "
-          f"first; with the mean {scale:.3f} x_med becomes: " + ", ".join(
-              f"{r['model']}/{r['mode']} {REFERENCE[(r['model'], r['mode'])][0] * scale / r['median_s']:.2f}"
-              for r in rows), flush=True)
+  if len(scales) > 1:
+    print(f"calibration scale over the run: {min(scales):.3f}-{max(scales):.3f} (mean "
+          f"{scale:.3f}; each row used the mean of the two around it)", flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"calibration": cal, "scale": scale, "rows": rows,

@@ -138,3 +138,33 @@ def test_print_config_lists_every_key_with_overrides(capsys):
   assert set(printed) == set(want) and len(lines) == len(want) > 50
   assert printed["optim.base_lr"] == "0.5" and printed["data.name"] == "'mine'"
   assert printed["model.num_classes"] == repr(want["model.num_classes"])
+
+
+def test_vs_reference_scales_each_row_by_the_calibrations_around_it(tmp_path, monkeypatch,
+                                                                    capsys):
+  """benchmarks/vs_reference.py calibrates before the first row and after every row; a row's
+  reference is scaled by the mean of the two calibrations around it (children faked)."""
+  import json
+  import types
+  spec = importlib.util.spec_from_file_location("cli_vs_reference_rows",
+                                                REPO / "benchmarks" / "vs_reference.py")
+  vs = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(vs)
+  scales = iter([0.5, 0.7, None, 1.3])  # the third calibration fails
+  monkeypatch.setattr(vs, "calibrate", lambda shared: (lambda s: s and {"scale": s})(
+      next(scales)))
+  row = dict(label="Lite V-19-slim-DW", padded="864x608", compile_s=1.0, median_s=0.25,
+             min_s=0.2, peak_gib=1.0, run_gib=1.0, cpu_s=0.5, thread_cpu_s=0.25,
+             loadavg=[1.0], dets=[50])
+  monkeypatch.setattr(vs.subprocess, "run", lambda cmd, **kw: types.SimpleNamespace(
+      returncode=0, stdout=json.dumps(dict(row, model=cmd[cmd.index("--_child") + 1],
+                                           mode=cmd[cmd.index("--_child") + 2])), stderr=""))
+  out = tmp_path / "rows.json"
+  vs.main(["--models", "v19dw", "--modes", "infer_b1_img0", "infer_b1_img1", "infer_b2",
+           "--json", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["scale"] for r in rows] == pytest.approx([0.6, 0.7, 1.3])
+  printed = capsys.readouterr().out
+  ref = vs.REFERENCE[("v19dw", "infer_b1_img0")][0]
+  assert f"{ref * 0.6:7.3f} " in printed and f"{ref * 0.6 / 0.25:5.2f}" in printed
+  assert "calibration scale over the run: 0.500-1.300" in printed
