@@ -35,8 +35,10 @@ mark reset after model and inputs are built, read after the last call: warm-up =
 compilation included) and over the timed calls only, the reference row scaled to this
 machine by `../shared/perf/calibrate.py` (run in this process tree before the first row and
 after every row; each row uses the mean of the calibrations just before and just after it,
-because the shared machine's speed drifts by up to 1.5x within minutes), and `x` = scaled
-reference median / our median (> 1: we are faster).
+because the shared machine's speed drifts by up to 1.5x within minutes; at the end the x of
+every row again at the median of all the run's calibrations, the steadier estimate when
+calibrations seconds apart disagree), and `x` = scaled reference median / our median (> 1:
+we are faster).
 `cpu_s` is the median process CPU time per call (all threads): on a loaded machine it moves
 less than wall time (the reference used ~1.9 of its 2 cores while measuring); `thr_s` the
 median CPU time of the busiest thread (a lower bound on the wall time that the load moves
@@ -323,6 +325,11 @@ def calibrate(shared):
   return r
 
 
+def _ref(row, i):
+  """Reference median (i = 0) or min (i = 1) seconds of a row's (model, mode)."""
+  return REFERENCE[(row["model"], row["mode"])][i]
+
+
 def row_scale(around):
   """The calibrations [before, after] a row (None = failed) -> the row's scale: their mean
   (1.0, the unscaled reference, when none succeeded)."""
@@ -400,13 +407,18 @@ def main(argv=None):
             f"{r['cpu_s']:6.2f} {r['thread_cpu_s']:5.2f}  {r['loadavg'][0]:.1f}  {notes}",
             flush=True)
   scales = [c["scale"] for c in cal if c]
-  scale = statistics.mean(scales) if scales else 1.0
+  scale = statistics.median(scales) if scales else 1.0
   if len(scales) > 1:
-    print(f"calibration scale over the run: {min(scales):.3f}-{max(scales):.3f} (mean "
-          f"{scale:.3f}; each row used the mean of the two around it)", flush=True)
+    # Calibrations seconds apart differ by up to 1.5x on a shared host: the run's median is
+    # the steadier estimate, the per-row scale the local one; both are printed.
+    print(f"calibration scale over the run: {min(scales):.3f}-{max(scales):.3f}, median "
+          f"{scale:.3f} (rows above: the mean of the two around each); x_med / x_min at the "
+          "median: " + ", ".join(
+              f"{r['model']}/{r['mode']} {_ref(r, 0) * scale / r['median_s']:.2f} / "
+              f"{_ref(r, 1) * scale / r['min_s']:.2f}" for r in rows), flush=True)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump({"calibration": cal, "scale": scale, "rows": rows,
+      json.dump({"calibration": cal, "scale_median": scale, "rows": rows,
                  "reference": {f"{k}/{m}": v[:3] for (k, m), v in REFERENCE.items()}}, f,
                 indent=1)
 

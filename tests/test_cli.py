@@ -143,7 +143,8 @@ def test_print_config_lists_every_key_with_overrides(capsys):
 def test_vs_reference_scales_each_row_by_the_calibrations_around_it(tmp_path, monkeypatch,
                                                                     capsys):
   """benchmarks/vs_reference.py calibrates before the first row and after every row; a row's
-  reference is scaled by the mean of the two calibrations around it (children faked)."""
+  reference is scaled by the mean of the two calibrations around it, and every row's x is
+  printed again at the median of the run's calibrations (children faked)."""
   import json
   import types
   spec = importlib.util.spec_from_file_location("cli_vs_reference_rows",
@@ -167,4 +168,6 @@ def test_vs_reference_scales_each_row_by_the_calibrations_around_it(tmp_path, mo
   printed = capsys.readouterr().out
   ref = vs.REFERENCE[("v19dw", "infer_b1_img0")][0]
   assert f"{ref * 0.6:7.3f} " in printed and f"{ref * 0.6 / 0.25:5.2f}" in printed
-  assert "calibration scale over the run: 0.500-1.300" in printed
+  assert "calibration scale over the run: 0.500-1.300, median 0.700" in printed
+  assert f"v19dw/infer_b1_img0 {ref * 0.7 / 0.25:.2f} / " in printed  # x at the run's median
+  assert json.loads(out.read_text())["scale_median"] == pytest.approx(0.7)
