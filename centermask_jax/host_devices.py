@@ -28,8 +28,9 @@ from centermask_jax.errors import UserError
 FLAG = "--xla_force_host_platform_device_count"
 ENV = "CENTERMASK_JAX_HOST_DEVICES"
 # Whether the entry points apply rule 4 by default. Off: on the shared 2-core CPU the 2-device
-# train step (Lite, batch 2 = 1 + 1) was not a clear win under load 5-9 (README, Benchmarks);
-# CENTERMASK_JAX_HOST_DEVICES=auto (or N) opts in. Flip after a quiet-machine measurement.
+# train step (Lite, batch 2 = 1 + 1) was not a clear win under load 5-9 (docs/PERFORMANCE.md,
+# host CPU devices); CENTERMASK_JAX_HOST_DEVICES=auto (or N) opts in. Flip after a
+# quiet-machine measurement.
 ENTRY_POINT_AUTO = False
 _FLAG_RE = re.compile(re.escape(FLAG) + r"=(\S*)")
 
