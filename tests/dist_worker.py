@@ -3,14 +3,16 @@
   python tests/dist_worker.py PORT PROCESS_ID NUM_PROCESSES WORKDIR OUT.npz [DATA_DIR]
 
 Runs 2 train steps of the tiny test config through `trainer.train_and_evaluate` with gloo
-CPU collectives; each process feeds its own half of every global batch. With DATA_DIR (a
-prepared dataset named "four"), the evaluation hook then runs at step 2 = max_iter on its
-val split, sharded over the processes. Writes the final params (flattened) to OUT.npz.
+CPU collectives, LOCAL host devices per process; each process feeds its own rows of every
+global batch. With DATA_DIR (a prepared dataset named "four"), the evaluation hook then runs
+at step 2 = max_iter on its val split, sharded over the processes. Writes the final params
+(flattened) to OUT.npz.
 """
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+LOCAL = 2  # devices per process: collectives within and across processes
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL}"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -34,12 +36,12 @@ def main():
     """This process's rows of the global batch of FakeIterator(global devices, 1)."""
 
     def __next__(self):
-      g = make_batch(nproc, 100 + self.step)
+      g = make_batch(nproc * LOCAL, 100 + self.step)
       self.step += 1
-      return split({k: v[pid:pid + 1] for k, v in g.items()}, 1)
+      return split({k: v[pid * LOCAL:(pid + 1) * LOCAL] for k, v in g.items()}, LOCAL)
 
   c = tiny_config()
-  c.train.global_batch = nproc
+  c.train.global_batch = nproc * LOCAL
   if data_dir:
     c.data.name, c.data.data_dir = "four", data_dir
     c.optim.max_iter = 2
@@ -47,7 +49,7 @@ def main():
     # small test images (as tests/test_overfit.py), not the Lite 600 px test size
     c.input.min_size_test, c.input.max_size_test = 128, 192
     c.input.canvas_test = ((128, 192), (192, 128))
-  res = trainer.train_and_evaluate(c, workdir, Shard(1, 1), num_steps=2,
+  res = trainer.train_and_evaluate(c, workdir, Shard(LOCAL, 1), num_steps=2,
                                    async_checkpoints=False, quiet=True)
   flat = traverse_util.flatten_dict(res["state"]["params"], sep="/")
   np.savez(out, step=res["step"], loss=res["metrics"]["total_loss"],

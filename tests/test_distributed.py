@@ -21,9 +21,11 @@ def _free_port():
 
 
 def test_two_processes_end_with_identical_params(tmp_path):
-  """2 processes x 1 device, 2 steps: both end with bit-identical params, equal to one
-  process training on 2 devices with the same global batches. With tiny_coco present, the
-  evaluation hook then runs at max_iter on 4 real images sharded over both processes."""
+  """2 processes x 2 devices, 2 steps: both end with bit-identical params, equal to one
+  process training on 4 devices with the same global batches (the same program as
+  test_train's resume test: one of the two reads it from the run's cache). With tiny_coco
+  present, the evaluation hook then runs at max_iter on 4 real images sharded over both
+  processes."""
   data_args = []
   if TINY_COCO.exists():
     from test_overfit import prepare_four
@@ -51,7 +53,7 @@ def test_two_processes_end_with_identical_params(tmp_path):
   logs = [(tmp_path / f"p{i}.log").read_text() for i in range(2)]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
-  assert "process 0/2" in logs[0] and "2 total" in logs[0]
+  assert "process 0/2, 2 local devices" in logs[0] and "4 total" in logs[0]
   r0, r1 = np.load(tmp_path / "p0.npz"), np.load(tmp_path / "p1.npz")
   assert int(r0["step"]) == int(r1["step"]) == 2
   meta = ("step", "loss", "evaluated")
@@ -68,12 +70,11 @@ def test_two_processes_end_with_identical_params(tmp_path):
       metrics = json.load(f)
     assert set(metrics) == {"bbox", "segm"}
 
-  # Same global batches on one process with 2 local devices (initialised as the workers).
+  # Same global batches on one process with 4 local devices (initialised as the workers).
   c = tiny_config()
-  c.train.global_batch = 2
-  ref = trainer.train_and_evaluate(c, str(tmp_path / "single"), FakeIterator(2, 1), num_steps=2,
-                                   async_checkpoints=False, quiet=True,
-                                   devices=jax.local_devices()[:2])
+  assert c.train.global_batch == 4 == len(jax.local_devices())
+  ref = trainer.train_and_evaluate(c, str(tmp_path / "single"), FakeIterator(4, 1), num_steps=2,
+                                   async_checkpoints=False, quiet=True)
   from flax import traverse_util
   flat = traverse_util.flatten_dict(ref["state"]["params"], sep="/")
   scale = max(float(np.abs(np.asarray(v)).max()) for v in flat.values())
