@@ -4,12 +4,17 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from centermask_jax import compilation_cache
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _CHILD = """
 import sys
+
+import pytest
 import jax, jax.numpy as jnp
 from centermask_jax import compilation_cache
 hits = []
@@ -50,3 +55,26 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
   assert compilation_cache.cache_dir() == str(tmp_path)
   assert compilation_cache.cache_dir("none") is None
   assert compilation_cache.cache_dir("~/x") == os.path.expanduser("~/x")
+
+
+def test_compiles_listener_counts_a_cache_hit_with_its_stored_compile_time(compiles):
+  """conftest.Compiles: a program this process reads from the persistent cache is recorded
+  as a hit with the compile time stored beside it (jax stores whole seconds), not with the
+  read's duration, so compile-count checks see it as the program it is."""
+  import jax
+  import jax.numpy as jnp
+  if not jax.config.jax_compilation_cache_dir:
+    pytest.skip("persistent compilation cache off in this run")
+  old = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  try:
+    x = jnp.arange(37.0) + float(os.getpid())  # a program no other test compiles
+    mark = len(compiles.names)
+    first = jax.jit(lambda v: jnp.cumsum(jnp.tanh(v) * 3.0))(x)
+    second = jax.jit(lambda v: jnp.cumsum(jnp.tanh(v) * 3.0))(x)  # new jit: same key
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", old)
+  hits, seconds = compiles.hits[mark:], compiles.seconds[mark:]
+  assert len(compiles.since(mark)) == 2 and hits == [False, True], (hits, seconds)
+  assert (np.asarray(first) == np.asarray(second)).all()
+  assert seconds[0] > 0 and abs(seconds[1] - round(seconds[1])) < 1e-9, seconds
