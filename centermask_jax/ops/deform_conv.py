@@ -38,6 +38,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from centermask_jax.ops import numerics
+
 IMPLS = ("gather", "gather_autodiff", "naive")
 
 
@@ -209,10 +211,8 @@ def _gather_op_bwd(kh, kw, stride, padding, dilation, res, gy):
   bilinear weights); no reduce over the channel axis."""
   x, offset, mask, weight, valid_hw = res
   # The re-gathers below must not be merged (CSE) with the forward's identical ones: that
-  # would keep every layer's forward gathers, samples and columns alive until its backward
-  # (XLA:CPU drops optimization_barriers before CSE). x is tied to the cotangent by adding
-  # min(|gy[0]|, 0), which is +0 for a finite gy (x + 0 == x up to the sign of zeros).
-  x = x + jnp.minimum(jnp.abs(gy.reshape(-1)[0]), 0).astype(x.dtype)
+  # would keep every layer's forward gathers, samples and columns alive until its backward.
+  x = numerics.after(x, gy)
   n, h, w, c = x.shape
   _, ho, wo, k = mask.shape
   o = weight.shape[-1]

@@ -30,6 +30,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from centermask_jax.ops import numerics
+
 # backend -> implementation of depthwise convs ("lax" | "shifted"); see benchmarks/kernels.py.
 DEPTHWISE_IMPL = {"cpu": "shifted"}
 # backend -> dense convs ("lax" | "dot": matmul gradients, 1x1 forward as a matmul).
@@ -135,7 +137,8 @@ def _depthwise_bwd(stride, pad, res, g):
                     (lo_w, w + pad - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
   kf = kernel.reshape(kh, kw, c)[::-1, ::-1].astype(x.dtype)
   dx = _shifted_macs(gp, kf, 1, h, w)
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  # a pad of its own (not merged with the forward's, which would then live until here)
+  xp = jnp.pad(numerics.after(x, g), ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
   dk = _depthwise_dk(xp, g, stride, kh, kw).reshape(kernel.shape).astype(kernel.dtype)
   return dx, dk
 

@@ -11,3 +11,12 @@ def exact_div(a, b):
   shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
   b = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.asarray(b, jnp.result_type(a, b)), shape))
   return a / b
+
+
+def after(x, g):
+  """x, made to depend on the cotangent g: x + min(|g[0]|, 0), which is x (up to the sign of
+  zeros) for a finite g. For custom backward rules that recompute a forward op (a pad, a
+  gather) on a saved input: XLA merges (CSE) identical ops, which would keep the forward's
+  result alive from the forward until the backward (XLA:CPU drops optimization barriers
+  before CSE). x [...] any shape, g [...] -> x's shape and dtype."""
+  return x + jnp.minimum(jnp.abs(jnp.ravel(g)[0]), 0).astype(x.dtype)
