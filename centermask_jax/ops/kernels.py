@@ -268,7 +268,9 @@ def _dot_grad_bwd(stride, pad, res, g):
   n, h, w, cin = x.shape
   kh, kw, _, cout = kernel.shape
   ho, wo = g.shape[1:3]
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  # padded when g is known: computed from the saved x alone, XLA scheduled every layer's
+  # padded copy early and kept them all alive through the backward
+  xp = jnp.pad(numerics.after(x, g), ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
   acc = jnp.promote_types(x.dtype, jnp.float32)
   if kh == kw == 1:
     dk = _gram(_tap(xp, 0, 0, stride, ho, wo), g, acc).reshape(kernel.shape)
