@@ -10,16 +10,24 @@ targets and losses, train proposals + NMS, RoI matching, pycocotools mask target
 and MaskIoU losses, backward, the config's optimiser) on the config's landscape training
 canvas, with random weights and a random unit-scale batch with 8 box/polygon
 instances per image. Peak memory: process RSS on CPU, the allocator's peak on GPU/TPU.
+
+`--memory-top N` also prints where the step's memory peak goes: XLA's buffer assignment of
+the compiled step (dumped to a temporary directory) gives its temporary buffer size and the
+buffers live at its peak, summed by the JAX op that made them (the N largest: forward
+activations kept for the backward appear as `jvp(...)`, backward ones as `transpose(...)`).
 """
 import argparse
+import glob
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
+DUMP_ENV, TOP_ENV = "CENTERMASK_JAX_BENCH_DUMP", "CENTERMASK_JAX_BENCH_TOP"
 DEFAULT_CONFIGS = ("configs/centermask_lite_V_19_slim_dw_eSE_FPN_ms_4x.py",
                    "configs/centermask_V_39_eSE_FPN_ms_3x.py")
 
@@ -101,12 +109,39 @@ def run_one(cfg, per_device_batch, iters):
     times.append(time.perf_counter() - t0)
   med = statistics.median(times)
   mem, mem_kind = peak_memory_mib(devices[0])
-  return dict(config=cfg.name, canvas=f"{canvas[0]}x{canvas[1]}", devices=d,
+  out = {}
+  if os.environ.get(DUMP_ENV):
+    peak, rows = hlo_memory_peak(os.environ[DUMP_ENV], top=int(os.environ[TOP_ENV]))
+    out = dict(hlo_peak_mib=round(peak / 2**20, 1),
+               hlo_top=[(round(b / 2**20, 1), n) for b, n in rows])
+  return dict(out, config=cfg.name, canvas=f"{canvas[0]}x{canvas[1]}", devices=d,
               per_device_batch=b, backend=jax.default_backend(),
               device=str(devices[0].device_kind), compile_s=round(first - med, 2),
               step_s=round(med, 3), images_per_s=round(d * b / med, 2),
               peak_mib=round(mem, 1), peak_kind=mem_kind,
               loss=round(parallel.first_device_metrics(m)["total_loss"], 4))
+
+
+def hlo_memory_peak(dump_dir, top):
+  """-> (peak bytes, [(bytes, op path)] top entries) of the dumped module with the largest
+  peak (XLA's `*-live-range.txt`: 'Stack trace breakdown for peak usage')."""
+  best = (0, [])
+  for path in glob.glob(os.path.join(dump_dir, "*-live-range.txt")):
+    text = open(path).read()
+    m = re.search(r"Stack trace breakdown for peak usage: ([\d ]+) bytes", text)
+    if not m:
+      continue
+    peak = int(m.group(1).replace(" ", ""))
+    if peak <= best[0]:
+      continue
+    rows = []
+    for line in text[m.end():].splitlines():
+      e = re.match(r"^ {6}[├└]── (.+?) \([\d.]+%, total: ([\d ]+) bytes", line)
+      if e:
+        name = re.sub(r"^jit\([^)]*\)/", "", e.group(1))
+        rows.append((int(e.group(2).replace(" ", "")), name))
+    best = (peak, sorted(rows, reverse=True)[:top])
+  return best
 
 
 def main(argv=None):
@@ -117,6 +152,8 @@ def main(argv=None):
   add_config_argument(ap, multiple=True, default=list(DEFAULT_CONFIGS))
   ap.add_argument("--per_device_batch", type=int, default=2)
   ap.add_argument("--iters", type=int, default=5)
+  ap.add_argument("--memory-top", type=int, default=0, metavar="N",
+                  help="also print the N largest buffers live at the step's memory peak")
   ap.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
   args, cfgs = parse_command_line(ap, argv)
   if args._child:
@@ -128,7 +165,16 @@ def main(argv=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--config", config,
            "--per_device_batch", str(args.per_device_batch), "--iters", str(args.iters),
            *args.config_argv]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    tmp = None
+    if args.memory_top:
+      import tempfile
+      tmp = tempfile.TemporaryDirectory(prefix="centermask-jax-hlo-")
+      env[DUMP_ENV], env[TOP_ENV] = tmp.name, str(args.memory_top)
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={tmp.name}".strip()
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if tmp is not None:
+      tmp.cleanup()
     if out.returncode:
       print(f"{config}: FAILED\n{out.stderr[-3000:]}", flush=True)
       continue
@@ -137,6 +183,11 @@ def main(argv=None):
           f"{r['compile_s']:9.1f} {r['step_s']:7.2f} {r['images_per_s']:6.2f} "
           f"{r['peak_mib']:9.0f} {r['backend']} ({r['device']}, {r['peak_kind']}; "
           f"loss {r['loss']})", flush=True)
+    if "hlo_peak_mib" in r:
+      print(f"  XLA buffers live at the step's peak: {r['hlo_peak_mib']:.0f} MiB; largest, "
+            "by the op that made them:")
+      for mib, name in r["hlo_top"]:
+        print(f"  {mib:9.1f} MiB  {name}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ through `centermask_jax.config.parse_command_line`; a mistyped key fails the sam
 import argparse
 import importlib
 import importlib.util
+import os
 import pathlib
 import subprocess
 import sys
@@ -171,3 +172,33 @@ def test_vs_reference_scales_each_row_by_the_calibrations_around_it(tmp_path, mo
   assert "calibration scale over the run: 0.500-1.300, median 0.700" in printed
   assert f"v19dw/infer_b1_img0 {ref * 0.7 / 0.25:.2f} / " in printed  # x at the run's median
   assert json.loads(out.read_text())["scale_median"] == pytest.approx(0.7)
+
+
+_PEAK_CHILD = """
+import jax, jax.numpy as jnp
+x = jnp.ones((1024, 64), jnp.float32)
+w = jnp.ones((64, 512), jnp.float32) * 0.01
+f = lambda w, x: jnp.sum(jnp.cos(jnp.sin(x @ w)))
+print(jax.jit(jax.grad(f)).lower(w, x).compile().memory_analysis().temp_size_in_bytes)
+"""
+
+
+def test_train_step_benchmark_reads_the_memory_peak_from_xla_dumps(tmp_path):
+  """benchmarks/train_step.py --memory-top: the buffers live at a compiled program's memory
+  peak, from XLA's dump, summed by the JAX op that made them. For the gradient of
+  sum(cos(sin(x @ w))) the largest is a [1024, 512] float32 activation, and the peak is the
+  compiled program's temporary buffers plus its arguments and output."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_dump_to={tmp_path}")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  r = subprocess.run([sys.executable, "-c", _PEAK_CHILD], env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  spec = importlib.util.spec_from_file_location("cli_train_step_peak",
+                                                REPO / "benchmarks" / "train_step.py")
+  ts = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(ts)
+  peak, rows = ts.hlo_memory_peak(str(tmp_path), top=3)
+  act, xb, wb = 1024 * 512 * 4, 1024 * 64 * 4, 64 * 512 * 4
+  # the program's temporary buffers, its arguments and its output (d w) are live at the peak
+  assert peak == int(r.stdout.split()[-1]) + xb + wb + wb, (peak, r.stdout)
+  assert rows[0][0] == act and (xb, "x") in rows and (wb, "w") in rows, rows
