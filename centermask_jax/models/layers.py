@@ -9,7 +9,7 @@ Leaf names: kernel -> weight, scale (GroupNorm) -> weight, bias -> bias,
 scalar (FCOS Scale) -> scale; FrozenBN buffers live in the 'frozen_bn'
 collection under their PyTorch names.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -52,6 +52,28 @@ class Conv(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(dtype)
     return y
+
+
+class ConvKernel(nn.Module):
+  """Only the `kernel` parameter of a bias-free `Conv` (the same leaf, init and name), for
+  ops that take several layers' kernels at once (`depthwise_pointwise`).
+  () -> float32 `shape`, (k, k, Cin / groups, Cout)."""
+  shape: Tuple[int, ...]
+  kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self):
+    return self.param("kernel", self.kernel_init, tuple(self.shape), jnp.float32)
+
+
+def depthwise_pointwise(x, mask, kdw, kpw, stride: int = 1):
+  """`Conv(C, 3, stride, groups=C)(x, mask)` then `Conv(D, 1)` (both bias-free) from their
+  kernels kdw [3, 3, 1, C], kpw [1, 1, C, D] (`ConvKernel`): x [N, H, W, C] -> [N, H', W', D]
+  through `kernels.depthwise_pointwise` (the same numbers; on CPU its backward recomputes the
+  depthwise output instead of keeping it)."""
+  x = apply_mask(x, mask)
+  return kernels.depthwise_pointwise(x, kdw.astype(x.dtype), kpw.astype(x.dtype), stride,
+                                     (kdw.shape[0] - 1) // 2)
 
 
 class ModulatedDeformConv(nn.Module):

@@ -99,9 +99,9 @@ def dw_conv_norm_relu(x, mask, prefix: str, features: int, stride: int = 1,
                       norm: str = "FrozenBN"):
   """Depthwise 3x3 `:dw_conv3x3` -> pointwise `:pw_conv1x1` -> `:pw_norm` -> ReLU."""
   c = x.shape[-1]
-  x = L.Conv(c, 3, stride, groups=c, use_bias=False, kernel_init=_he,
-             name=f"{prefix}:dw_conv3x3")(x, mask)
-  x = L.Conv(features, 1, use_bias=False, kernel_init=_he, name=f"{prefix}:pw_conv1x1")(x)
+  kdw = L.ConvKernel((3, 3, 1, c), _he, name=f"{prefix}:dw_conv3x3")()
+  kpw = L.ConvKernel((1, 1, c, features), _he, name=f"{prefix}:pw_conv1x1")()
+  x = L.depthwise_pointwise(x, mask, kdw, kpw, stride)
   return nn.relu(norm_layer(x, mask, f"{prefix}:pw_norm", norm, stride))
 
 
