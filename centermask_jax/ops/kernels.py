@@ -20,6 +20,11 @@ measured faster on the backend (`benchmarks/kernels.py`):
   g @ K[i, j]^T placed on the strided tap grid.
 * 1x1 dense convs, forward: on CPU the matmul x[:, ::s, ::s] @ K (`_dot_conv_fwd`), 3-4x
   faster than XLA:CPU's 1x1 conv (equal up to float summation order).
+* a depthwise conv then a 1x1 conv (`depthwise_pointwise`, VoVNet's slim-DW layer): on CPU
+  one backward that recomputes the depthwise output instead of keeping it from the forward.
+* backward rules that pad or recompute from a saved input first tie it to the cotangent
+  (`numerics.after`), so that XLA neither merges the op with the forward's identical one
+  nor schedules it early: either kept every layer's copy alive through the backward.
 
 Layout NHWC / HWIO as `lax.conv_general_dilated(..., ("NHWC", "HWIO", "NHWC"))`.
 """
