@@ -25,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 DUMP_ENV, TOP_ENV = "CENTERMASK_JAX_BENCH_DUMP", "CENTERMASK_JAX_BENCH_TOP"
@@ -168,7 +169,6 @@ def main(argv=None):
     env = dict(os.environ)
     tmp = None
     if args.memory_top:
-      import tempfile
       tmp = tempfile.TemporaryDirectory(prefix="centermask-jax-hlo-")
       env[DUMP_ENV], env[TOP_ENV] = tmp.name, str(args.memory_top)
       env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={tmp.name}".strip()

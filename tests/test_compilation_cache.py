@@ -13,8 +13,6 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _CHILD = """
 import sys
-
-import pytest
 import jax, jax.numpy as jnp
 from centermask_jax import compilation_cache
 hits = []

@@ -245,8 +245,8 @@ def test_train_static_shapes_flip_and_determinism(built):
 
 def test_resume_across_an_epoch_and_at_step_1e6(built, monkeypatch):
   """Issue 12.4: resuming at step k gives the batches of an uninterrupted run, also for
-  batches formed across the end of epoch 0; resuming at step 10^6 reads only that
-  batch's records (no skip over the 10^6 before it) and takes well under 10 s."""
+  batches formed across the end of epoch 0; resuming at step 10^6 looks up only that
+  batch and the ones prefetched after it (no skip over the 10^6 before it)."""
   data_dir, _ = built
   c = _config(sizes=(580, 600), flip=True)
   mk = lambda: pipeline.make_train_iterator(c, data_dir, "tiny", seed=3, num_local_devices=2,
