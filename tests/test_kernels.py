@@ -292,3 +292,14 @@ def test_max_pool3s2_equals_reduce_window(shape, ties):
   got = jax.vjp(L.max_pool3s2, xp)[1](g)[0]
   np.testing.assert_allclose(got, _max_pool_grad64(xp, g), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(got, jax.vjp(ref_fn, xp)[1](g)[0], rtol=1e-6, atol=1e-6)
+  # bit for bit a float32 accumulation tap by tap in row-major order
+  x32, g32 = np.asarray(xp), np.asarray(g)
+  n, ho, wo, c = g32.shape
+  taps = [x32[:, i:i + 2 * ho - 1:2, j:j + 2 * wo - 1:2] for i in range(3) for j in range(3)]
+  y = np.max(np.stack(taps), axis=0)
+  left, want = g32.copy(), np.zeros_like(x32)
+  for k, t in enumerate(taps):
+    hit = t == y
+    want[:, k // 3:k // 3 + 2 * ho - 1:2, k % 3:k % 3 + 2 * wo - 1:2] += np.where(hit, left, 0)
+    left = np.where(hit, 0, left)
+  np.testing.assert_array_equal(got, want)

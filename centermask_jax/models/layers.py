@@ -9,11 +9,13 @@ Leaf names: kernel -> weight, scale (GroupNorm) -> weight, bias -> bias,
 scalar (FCOS Scale) -> scale; FrozenBN buffers live in the 'frozen_bn'
 collection under their PyTorch names.
 """
+import functools
 from typing import Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from centermask_jax.ops import kernels
 from centermask_jax.ops.deform_conv import modulated_deform_conv
@@ -159,44 +161,75 @@ def max_pool_ceil(x, mask=None):
   return _zero_neg_inf(y)
 
 
-@jax.custom_vjp
 def max_pool3s2(xp):
   """3x3 stride-2 VALID max-pool as 9 strided taps: xp [N, Hp, Wp, C] -> [N, ho, wo, C].
 
   Gradient: to the first maximal tap of each window in row-major order (PyTorch's CPU
-  rule), placed back by 9 strided pads in one fused loop; XLA's reduce-window gradient
-  (select-and-scatter) kept several int32 index maps of the input's size live."""
-  return _max_pool3s2_fwd(xp)[0]
+  rule; none for a NaN window). Under differentiation the forward also keeps that tap's
+  index (int8 per output, 9 = none) instead of the padded input and the output, and the
+  backward builds the input gradient by row / column parity (`_max_pool3s2_bwd`). XLA's
+  reduce-window gradient (select-and-scatter) kept several int32 index maps of the input's
+  size live; re-deriving the winner in the backward recomputed the 9-tap max and a compare
+  chain inside each of 9 interior-padded placements."""
+  return _max_pool3s2(xp, xp.shape[1], xp.shape[2])
 
 
-def _max_pool3s2_fwd(xp):
+def _max_pool3s2_taps(xp):
+  """xp [N, Hp, Wp, C] -> (max [N, ho, wo, C], its 9 taps, row-major)."""
   ho, wo = (xp.shape[1] - 3) // 2 + 1, (xp.shape[2] - 3) // 2 + 1
-  y = None
-  for i in range(3):
-    for j in range(3):
-      t = kernels._tap(xp, i, j, 2, ho, wo)
-      y = t if y is None else jnp.maximum(y, t)
-  return y, (xp, y)
+  taps = [kernels._tap(xp, i, j, 2, ho, wo) for i in range(3) for j in range(3)]
+  y = taps[0]
+  for t in taps[1:]:
+    y = jnp.maximum(y, t)
+  return y, taps
 
 
-def _max_pool3s2_bwd(res, g):
-  xp, y = res
-  hp, wp = xp.shape[1:3]
-  ho, wo = y.shape[1:3]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _max_pool3s2(xp, hp, wp):
+  return _max_pool3s2_taps(xp)[0]
+
+
+def _max_pool3s2_fwd(xp, hp, wp):
+  y, taps = _max_pool3s2_taps(xp)
+  first = jnp.full(y.shape, 9, jnp.int8)  # 9: no tap equals the max (a NaN window)
+  for k in range(8, -1, -1):
+    first = jnp.where(taps[k] == y, jnp.int8(k), first)
+  return y, first
+
+
+# Input row 2a + p is, for option r, tap row _POOL_TAP[r][p] of window a - _POOL_SHIFT[r]
+# (even rows: row 0 of window a, row 2 of window a - 1; odd rows: row 1 of window a and no
+# second option, -1); columns alike.
+_POOL_TAP = ((0, 1), (2, -1))  # [option][parity] -> tap row (column) index
+_POOL_SHIFT = (0, 1)  # [option] -> window offset d
+
+
+def _max_pool3s2_bwd(hp, wp, first, g):
+  """first [N, ho, wo, C] int8 winning tap, g [N, ho, wo, C] -> (d xp [N, hp, wp, C],).
+
+  d xp as [N, ho + 1, 2, wo + 1, 2, C] (row / column parity as axes, a reshape away from
+  [N, 2 ho + 2, 2 wo + 2, C]): the sum over 2 x 2 (row, column) options of the window
+  shifted by the option's offset where its winning tap is the one that option's parity
+  names. Elementwise with broadcasting: one fused loop, added in ascending tap order
+  (the order of a tap-by-tap accumulation)."""
+  n, ho, wo, c = g.shape
   zero = jnp.zeros((), g.dtype)
-  left, dxp = g, None
-  for i in range(3):
-    for j in range(3):
-      hit = kernels._tap(xp, i, j, 2, ho, wo) == y
-      t = jnp.where(hit, left, zero)
-      left = jnp.where(hit, zero, left)  # taken: later equal taps get nothing
-      t = jax.lax.pad(t, zero, ((0, 0, 0), (i, hp - i - 2 * (ho - 1) - 1, 1),
-                                (j, wp - j - 2 * (wo - 1) - 1, 1), (0, 0, 0)))
+  dxp = None
+  for r in (0, 1):
+    for s in (0, 1):
+      dy, dx = _POOL_SHIFT[r], _POOL_SHIFT[s]
+      pads = ((0, 0, 0), (dy, 1 - dy, 0), (dx, 1 - dx, 0), (0, 0, 0))
+      fs = jax.lax.pad(first, jnp.int8(9), pads)[:, :, None, :, None]
+      gs = jax.lax.pad(g, zero, pads)[:, :, None, :, None]
+      ti, tj = np.array(_POOL_TAP[r]), np.array(_POOL_TAP[s])
+      k = np.where((ti[:, None] < 0) | (tj[None, :] < 0), -1, 3 * ti[:, None] + tj[None, :])
+      k = jnp.asarray(k.astype(np.int8)).reshape(1, 1, 2, 1, 2, 1)  # [p, q] -> wanted tap
+      t = jnp.where(fs == k, gs, zero)
       dxp = t if dxp is None else dxp + t
-  return (dxp,)
+  return (dxp.reshape(n, 2 * ho + 2, 2 * wo + 2, c)[:, :hp, :wp],)
 
 
-max_pool3s2.defvjp(_max_pool3s2_fwd, _max_pool3s2_bwd)
+_max_pool3s2.defvjp(_max_pool3s2_fwd, _max_pool3s2_bwd)
 
 
 def _zero_neg_inf(y):
