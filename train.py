@@ -57,5 +57,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from centermask_jax import cli
+  from centermask_jax import cli, host_memory
+  host_memory.reexec_with_hugepage_malloc()  # before any work: huge pages for XLA's buffers
   sys.exit(cli.run(main))

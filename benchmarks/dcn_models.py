@@ -68,6 +68,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(HERE))
-  from centermask_jax import runlog
+  from centermask_jax import host_memory, runlog
+  host_memory.reexec_with_hugepage_malloc()  # huge pages for XLA's buffers (host_memory)
   runlog.quiet_startup()  # before TensorFlow is imported
   main()

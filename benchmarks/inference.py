@@ -115,7 +115,8 @@ def main(argv=None):
 def _child_result(cmd, label):
   """Runs one measuring child process; its last stdout line (JSON) as a dict, or None
   after printing `label: FAILED` and the end of its stderr."""
-  out = subprocess.run(cmd, capture_output=True, text=True)
+  from centermask_jax import host_memory  # huge pages for the child's XLA buffers
+  out = subprocess.run(cmd, capture_output=True, text=True, env=host_memory.child_environ())
   if out.returncode:
     print(f"{label}: FAILED\n{out.stderr[-2000:]}")
     return None

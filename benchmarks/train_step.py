@@ -78,7 +78,7 @@ def run_one(cfg, per_device_batch, iters):
   import jax
   import numpy as np
 
-  from centermask_jax import parallel
+  from centermask_jax import host_memory, parallel
   from centermask_jax.data import transforms
   from centermask_jax.models.centermask import CenterMask
   from centermask_jax.training import optimizer as opt_lib, step as step_lib
@@ -101,7 +101,7 @@ def run_one(cfg, per_device_batch, iters):
   state, m = p_step(state, batches[0], key)
   jax.block_until_ready(m)
   first = time.perf_counter() - t0
-  parallel.release_host_memory()  # as the trainer does after compiling
+  host_memory.release_host_memory()  # as the trainer does after compiling
   times = []
   for i in range(iters):
     t0 = time.perf_counter()
@@ -166,7 +166,8 @@ def main(argv=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", "--config", config,
            "--per_device_batch", str(args.per_device_batch), "--iters", str(args.iters),
            *args.config_argv]
-    env = dict(os.environ)
+    from centermask_jax import host_memory  # huge pages for the child's XLA buffers
+    env = host_memory.child_environ()
     tmp = None
     if args.memory_top:
       tmp = tempfile.TemporaryDirectory(prefix="centermask-jax-hlo-")

@@ -384,9 +384,10 @@ def main(argv=None):
              str(args.train_iters), "--shared", args.shared, "--cache", args.cache, *extra]
       if args.train_devices:
         cmd += ["--train-devices", str(args.train_devices)]
-      out = subprocess.run(cmd, capture_output=True, text=True,
-                           env=dict(os.environ, PYTHONPATH=REPO + os.pathsep +
-                                    os.environ.get("PYTHONPATH", "")))
+      from centermask_jax import host_memory  # huge pages for the child's XLA buffers
+      env = host_memory.child_environ(dict(
+          os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
+      out = subprocess.run(cmd, capture_output=True, text=True, env=env)
       if not args.no_calibrate:
         cal.append(calibrate(args.shared))
       if out.returncode:

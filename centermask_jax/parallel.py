@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from centermask_jax import host_memory
+
 AXIS = "batch"
 
 
@@ -133,20 +135,6 @@ def make_shard_map_step(step_fn: Callable, mesh: Mesh, donate_state: bool = True
   return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
 
-def release_host_memory() -> bool:
-  """Returns the C heap's free pages to the OS (glibc `malloc_trim(0)`; False where there
-  is none). XLA compilation frees about 1 GiB of host memory that glibc keeps mapped (Lite
-  train step on CPU: RSS 2.2 -> 1.2 GiB after compiling, step peak 5.8 -> 4.8 GiB); call
-  it after a compile. Changes no computation."""
-  import ctypes
-  import ctypes.util
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.malloc_trim(0))
-  except (OSError, AttributeError):
-    return False
-
-
 def drop_compiled_programs():
   """Drops jax's compiled executables and traces (`jax.clear_caches`) and hands the freed
   heap back to the OS: for a point after which the programs compiled so far are not run
@@ -154,15 +142,15 @@ def drop_compiled_programs():
   import gc
   jax.clear_caches()
   gc.collect()
-  release_host_memory()
+  host_memory.release_host_memory()
 
 
 def compile_ahead(fn, *args):
-  """fn.lower(*args).compile(), then `release_host_memory()`: a step compiled before its
-  first run, so the heap the compiler frees goes back to the OS before the step allocates
-  its own buffers (peak RSS = max(compile, step), not their sum). -> the executable."""
+  """fn.lower(*args).compile(), then `host_memory.release_host_memory()`: a step compiled
+  before its first run, so the heap the compiler frees goes back to the OS before the step
+  allocates its own buffers (peak RSS = max(compile, step), not their sum). -> the executable."""
   executable = fn.lower(*args).compile()
-  release_host_memory()
+  host_memory.release_host_memory()
   return executable
 
 

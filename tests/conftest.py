@@ -281,8 +281,8 @@ def _return_freed_heap():
   once held (test_train: 2.9 -> 2.0 GiB held after its first test)."""
   yield
   if _rss_kib() > 1 << 20:
-    from centermask_jax import parallel
-    parallel.release_host_memory()
+    from centermask_jax import host_memory
+    host_memory.release_host_memory()
 
 
 @pytest.fixture(autouse=True, scope="module")

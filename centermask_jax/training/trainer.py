@@ -29,7 +29,7 @@ from typing import Any, Dict, Iterator, Optional
 import jax
 import numpy as np
 
-from centermask_jax import parallel
+from centermask_jax import host_memory, parallel
 from centermask_jax.checkpoints import workdir as ckpt_workdir
 from centermask_jax import runlog
 from centermask_jax.models.centermask import CenterMask, count_values
@@ -121,7 +121,7 @@ def random_variables(model: CenterMask, rng, canvas_hw=(128, 128)):
   (`parallel.compile_run_once`)."""
   init = parallel.compile_run_once(model.init, rng, tuple(canvas_hw), static_argnums=1)
   variables = jax.tree_util.tree_map(np.asarray, init(rng))
-  parallel.release_host_memory()  # the heap the compile freed
+  host_memory.release_host_memory()  # the heap the compile freed
   return variables
 
 
