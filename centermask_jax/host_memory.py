@@ -8,7 +8,7 @@ batch 2: ~335k minor faults and ~1 s of system CPU time per step). With glibc's
 `glibc.malloc.hugetlb=1` tunable (glibc >= 2.35) malloc asks for transparent huge pages
 (madvise) on those mmaps: 2 MiB pages, 512x fewer faults. The tunable is read when the
 process starts, so an entry point re-executes itself with it (`reexec_with_hugepage_malloc`)
-and the benchmarks pass it to their children (`hugepage_environ`). It applies only where it
+and the benchmarks pass it to their children (`child_environ`). It applies only where it
 changes something: Linux with glibc >= 2.35 and transparent huge pages in `madvise` mode (in
 `always` mode they are used already; in `never` mode not at all).
 CENTERMASK_JAX_HUGEPAGE_MALLOC=0 turns it off. No computation changes: only where pages
