@@ -173,9 +173,11 @@ def main(argv=None):
       tmp = tempfile.TemporaryDirectory(prefix="centermask-jax-hlo-")
       env[DUMP_ENV], env[TOP_ENV] = tmp.name, str(args.memory_top)
       env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={tmp.name}".strip()
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if tmp is not None:
-      tmp.cleanup()
+    try:
+      out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    finally:  # the dump (tens of MB per program) also goes on an interrupt
+      if tmp is not None:
+        tmp.cleanup()
     if out.returncode:
       print(f"{config}: FAILED\n{out.stderr[-3000:]}", flush=True)
       continue
