@@ -257,6 +257,8 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
       k = picker.pick(first_count) if picker else None
       while True:
         if k not in exe:  # compiled ahead of the first run, as the trainer does
+          if not exe:  # the count program ran once: dropped, as the trainer does
+            parallel.drop_compiled_programs()
           p_step = step_lib.make_train_step(model, cfg, tx, opt_lib.lr_schedule(cfg),
                                             devices=devices,
                                             fg_slots=picker.step_slots(k) if picker else k)

@@ -100,7 +100,11 @@ def test_tiny_model_overfits_four_real_images_and_evaluates(tiny_coco, tmp_path,
   assert "split=train images=4 " in out
   c = overfit_config(data_dir, len(sub["categories"]))
   workdir = str(tmp_path / "run")
-  events = []  # the update programs are dropped before the final evaluation compiles its own
+  # the process's first update step: the programs before it (init, the first batch's
+  # count) are dropped; the update programs are dropped before the final evaluation
+  # compiles its own
+  monkeypatch.setattr(trainer, "_STEP_COMPILED_IN_PROCESS", False)
+  events = []
   from centermask_jax import parallel
   from centermask_jax.evaluation import evaluator as ev_lib
   drop, evaluator = parallel.drop_compiled_programs, ev_lib.Evaluator
@@ -109,7 +113,7 @@ def test_tiny_model_overfits_four_real_images_and_evaluates(tiny_coco, tmp_path,
   monkeypatch.setattr(ev_lib, "Evaluator", lambda *a, **k: (events.append("evaluator"),
                                                              evaluator(*a, **k))[1])
   res = trainer.train_and_evaluate(c, workdir, async_checkpoints=False, quiet=True)
-  assert events == ["drop", "evaluator"], events
+  assert events == ["drop", "drop", "evaluator"], events
 
   hist = res["loss_history"]
   assert res["step"] == STEPS and len(hist) == STEPS
