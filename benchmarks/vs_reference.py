@@ -195,8 +195,10 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
   if mode.startswith("infer"):
     from centermask_jax.predictor import image_instances
     variables = jax.device_put(variables)
+    from centermask_jax import host_memory
     predict = jax.jit(model.predict)
     thr = cfg.model.mask_head.mask_threshold
+    compiled = []
 
     def call():
       x = np.zeros((n, *padded, 3), np.uint8)  # uint8 canvas; normalised on the device
@@ -209,6 +211,9 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
         res.append(image_instances(out["boxes"][j], out["scores"][j], out["classes"][j],
                                    out["mask_probs"][j], out["mask_scores"][j],
                                    out["valid"][j], imgs[i][1], imgs[i][2], thr))
+      if not compiled:  # the call that compiled: the freed heap goes back, as the Predictor
+        compiled.append(True)
+        host_memory.release_host_memory()
       return res
     _reset_hwm()
     res = None

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
+from centermask_jax import host_memory
 from centermask_jax.data import transforms
 from centermask_jax.ops import masks as mask_ops
 from centermask_jax.ops import padding, postprocess
@@ -57,6 +58,7 @@ class Predictor:
     self.model = model
     self.variables = jax.device_put(variables)
     self._predict = jax.jit(self.model.predict)
+    self._compiled = set()  # (batch size, canvas shape) programs compiled so far
 
   def __call__(self, image_rgb, batch_size: Optional[int] = None):
     """One RGB uint8 image [H0, W0, 3] -> dict: boxes [K, 4] (original xyxy px), scores,
@@ -89,6 +91,9 @@ class Predictor:
         for j, i in enumerate(chunk):
           x[j], hw[j], padded[j] = prep[i]
         out = jax.device_get(self._predict(self.variables, x, hw, padded))
+        if (batch_size, shape) not in self._compiled:  # this call compiled its program
+          self._compiled.add((batch_size, shape))
+          host_memory.release_host_memory()
         for j, i in enumerate(chunk):
           res = image_instances(out["boxes"][j], out["scores"][j], out["classes"][j],
                                 out["mask_probs"][j], out["mask_scores"][j], out["valid"][j],

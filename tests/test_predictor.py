@@ -102,11 +102,13 @@ def test_predictor_rejects_bad_image():
     preprocess(np.zeros((10, 10), np.uint8), cfg)
 
 
-def test_predictor_compiles_once_per_canvas_bucket(compiles):
+def test_predictor_compiles_once_per_canvas_bucket(compiles, monkeypatch):
   """5 landscape images of different sizes (and detection counts): everything compiles
   during the first call (model on the group canvas, box scaling, tiled paste), nothing
-  after; masks come back at each original size."""
+  after, and the heap that compile freed goes back to the OS after it, once; masks come
+  back at each original size."""
   import jax
+  from centermask_jax import host_memory
   from centermask_jax.config import base_config, lite, vovnet
   c = base_config()
   lite(c)
@@ -122,6 +124,8 @@ def test_predictor_compiles_once_per_canvas_bucket(compiles):
   c.input.max_size_test = 128
   model = CenterMask(c)
   pred = Predictor(c, trainer.random_variables(model, jax.random.PRNGKey(0)), model)
+  trims = []
+  monkeypatch.setattr(host_memory, "release_host_memory", lambda: trims.append(1) or True)
   r = np.random.RandomState(0)
   sizes = [(60, 90), (100, 130), (45, 80), (200, 301), (33, 64)]
   start = len(compiles.names)  # earlier tests in this process compiled their own predicts
@@ -135,6 +139,8 @@ def test_predictor_compiles_once_per_canvas_bucket(compiles):
     if i == 0:
       first = compiles.since(start)
       mark = len(compiles.names)
+      assert len(trims) == 1
   assert sum("predict" in n for n in first) == 1, first
   assert compiles.since(mark) == [], compiles.since(mark)
+  assert len(trims) == 1
   assert max(counts) > 0

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from centermask_jax import parallel
+from centermask_jax import host_memory, parallel
 from centermask_jax.evaluation import coco as coco_eval
 from centermask_jax.ops import padding, postprocess
 
@@ -74,6 +74,7 @@ class Evaluator:
       return {k: out[k] for k in OUT_KEYS}
     self._infer = parallel.make_pmap(infer, self.devices)
     self._paste = {}
+    self._compiled = set()  # (batch image shape, paste canvas) programs compiled so far
     self.threshold = float(config.model.mask_head.mask_threshold)
 
   def _paste_fn(self, canvas_hw):
@@ -158,6 +159,9 @@ class Evaluator:
                   max(canvas[1], int(padding.round_up(orig[:, 1].max(), PASTE_MULTIPLE))))
       out = self._infer(rvars, {k: batch[k] for k in self.keys})
       dev = self._paste_fn(canvas)(out, batch["image_hw"], batch["orig_hw"])
+      if (batch["image"].shape, canvas) not in self._compiled:  # compiled when dispatched
+        self._compiled.add((batch["image"].shape, canvas))
+        host_memory.release_host_memory()
       small = {k: batch[k] for k in ("is_real", "image_id", "orig_hw")}
       if pending is not None:
         consume(pending)
