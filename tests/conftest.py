@@ -292,3 +292,15 @@ def _release_compiled_programs():
   that of its largest module rather than the sum of all of them."""
   yield
   _drop_programs()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _trainer_keeps_earlier_programs():
+  """The trainer drops every compiled program before a process's first update step (what a
+  process that trains once compiled before it ran once). A test process runs many trainers
+  among other tests, whose files share programs between tests (dropped per module above and
+  by `drop_programs`): here the trainer keeps them, as it does for a process's later runs.
+  test_overfit checks the drop itself."""
+  from centermask_jax.training import trainer
+  trainer._STEP_COMPILED_IN_PROCESS = True
+  yield
