@@ -198,7 +198,7 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
     from centermask_jax import host_memory
     predict = jax.jit(model.predict)
     thr = cfg.model.mask_head.mask_threshold
-    compiled = []
+    compiled = set()
 
     def call():
       x = np.zeros((n, *padded, 3), np.uint8)  # uint8 canvas; normalised on the device
@@ -211,9 +211,7 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
         res.append(image_instances(out["boxes"][j], out["scores"][j], out["classes"][j],
                                    out["mask_probs"][j], out["mask_scores"][j],
                                    out["valid"][j], imgs[i][1], imgs[i][2], thr))
-      if not compiled:  # the call that compiled: the freed heap goes back, as the Predictor
-        compiled.append(True)
-        host_memory.release_host_memory()
+      host_memory.release_after_compile(compiled, "predict")  # as the Predictor does
       return res
     _reset_hwm()
     res = None

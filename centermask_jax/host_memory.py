@@ -105,3 +105,12 @@ def release_host_memory() -> bool:
     return bool(libc.malloc_trim(0))
   except (OSError, AttributeError):
     return False
+
+
+def release_after_compile(compiled: set, key) -> None:
+  """After a call that compiles the program for `key` the first time it sees it (a jitted
+  function on a new shape): then, and only then, `key` joins `compiled` and the heap the
+  compile freed goes back to the OS (`release_host_memory`)."""
+  if key not in compiled:
+    compiled.add(key)
+    release_host_memory()

@@ -91,9 +91,7 @@ class Predictor:
         for j, i in enumerate(chunk):
           x[j], hw[j], padded[j] = prep[i]
         out = jax.device_get(self._predict(self.variables, x, hw, padded))
-        if (batch_size, shape) not in self._compiled:  # this call compiled its program
-          self._compiled.add((batch_size, shape))
-          host_memory.release_host_memory()
+        host_memory.release_after_compile(self._compiled, (batch_size, shape))
         for j, i in enumerate(chunk):
           res = image_instances(out["boxes"][j], out["scores"][j], out["classes"][j],
                                 out["mask_probs"][j], out["mask_scores"][j], out["valid"][j],

@@ -39,6 +39,15 @@ def test_release_host_memory_returns_freed_heap_pages():
   assert released > 150 * 1024, released  # KiB
 
 
+def test_release_after_compile_releases_once_per_new_key(monkeypatch):
+  calls = []
+  monkeypatch.setattr(host_memory, "release_host_memory", lambda: calls.append(1) or True)
+  compiled = set()
+  for key in ["a", "a", ("b", 2), "a", ("b", 2)]:
+    host_memory.release_after_compile(compiled, key)
+  assert compiled == {"a", ("b", 2)} and len(calls) == 2
+
+
 def test_hugepage_environ_rules():
   """The tunable is added only where it changes something, after the user's tunables, and
   never twice."""

@@ -159,9 +159,7 @@ class Evaluator:
                   max(canvas[1], int(padding.round_up(orig[:, 1].max(), PASTE_MULTIPLE))))
       out = self._infer(rvars, {k: batch[k] for k in self.keys})
       dev = self._paste_fn(canvas)(out, batch["image_hw"], batch["orig_hw"])
-      if (batch["image"].shape, canvas) not in self._compiled:  # compiled when dispatched
-        self._compiled.add((batch["image"].shape, canvas))
-        host_memory.release_host_memory()
+      host_memory.release_after_compile(self._compiled, (batch["image"].shape, canvas))
       small = {k: batch[k] for k in ("is_real", "image_id", "orig_hw")}
       if pending is not None:
         consume(pending)
