@@ -303,3 +303,43 @@ def test_max_pool3s2_equals_reduce_window(shape, ties):
     want[:, k // 3:k // 3 + 2 * ho - 1:2, k % 3:k % 3 + 2 * wo - 1:2] += np.where(hit, left, 0)
     left = np.where(hit, 0, left)
   np.testing.assert_array_equal(got, want)
+
+
+def test_materialize_is_exact():
+  """numerics.materialize returns every float32 bit pattern it is given: NaN, infinities,
+  signed zeros, subnormals, the extremes."""
+  from centermask_jax.ops import numerics
+  special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38,
+                      np.finfo(np.float32).max, np.finfo(np.float32).min, 1.0, -3.5],
+                     np.float32)
+  rand = np.random.default_rng(0).standard_normal(500).astype(np.float32) * 1e3
+  x = np.concatenate([special, rand]).reshape(4, -1)
+  y = np.asarray(jax.jit(numerics.materialize)(jnp.asarray(x)))
+  np.testing.assert_array_equal(y.view(np.uint32), x.view(np.uint32))
+
+
+def test_taps_and_cotangents_are_computed_once(monkeypatch):
+  """A depthwise conv's output under differentiation, and a 1x1 conv's cotangent, are each
+  one loop (`numerics.materialize`): without it XLA:CPU copies the depthwise's multiply-adds
+  (and the cotangent's product) into every loop that reads them, so the compiled step holds
+  more multiplies. Same gradients either way."""
+  from centermask_jax.ops import numerics
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 32, 32, 16)), jnp.float32)
+  kdw = jnp.asarray(rng.standard_normal((3, 3, 1, 16)) * 0.3, jnp.float32)
+  kpw = jnp.asarray(rng.standard_normal((1, 1, 16, 24)) * 0.3, jnp.float32)
+  a = jnp.asarray(rng.random(16) + 0.5, jnp.float32)
+
+  def loss(kdw, kpw, x):  # MobileNetV2's dw -> FrozenBN -> ReLU6 -> 1x1 -> FrozenBN
+    y = jax.nn.relu6(K.conv2d(x, kdw, 1, 1, groups=16) * a + 0.1)
+    return jnp.sum(jnp.tanh(K.conv2d(y, kpw) * 1.5 + 0.2))
+
+  def compiled():
+    f = jax.jit(jax.grad(loss, (0, 1, 2)))
+    return f(kdw, kpw, x), f.lower(kdw, kpw, x).compile().as_text().count(" multiply(")
+  grads, once = compiled()
+  monkeypatch.setattr(numerics, "materialize", lambda y: y)
+  grads_fused, fused = compiled()
+  for g1, g2 in zip(grads, grads_fused):
+    np.testing.assert_array_equal(g1, g2)
+  assert once < fused, (once, fused)

@@ -22,6 +22,9 @@ measured faster on the backend (`benchmarks/kernels.py`):
   faster than XLA:CPU's 1x1 conv (equal up to float summation order).
 * a depthwise conv then a 1x1 conv (`depthwise_pointwise`, VoVNet's slim-DW layer): on CPU
   one backward that recomputes the depthwise output instead of keeping it from the forward.
+* a value read by several loops that XLA:CPU would each recompute it in (a depthwise output
+  under differentiation, a 1x1 conv's cotangent read by two matmuls) is made once
+  (`numerics.materialize`).
 * backward rules that pad or recompute from a saved input first tie it to the cotangent
   (`numerics.after`), so that XLA neither merges the op with the forward's identical one
   nor schedules it early: either kept every layer's copy alive through the backward.
@@ -199,7 +202,16 @@ def _depthwise_dk(xp, g, stride, kh, kw):
   return jnp.sum(jnp.stack(parts, axis=3), axis=(0, 1, 2))
 
 
-depthwise_shifted.defvjp(_depthwise_fwd, _depthwise_bwd)
+def _depthwise_vjp_fwd(x, kernel, stride, pad):
+  """Under differentiation the output is made once (`numerics.materialize`): XLA:CPU had
+  copied its k*k multiply-adds into each of the ~8 loops that read it in MobileNetV2's train
+  step (the forward, the ReLU6 / FrozenBN backward masks, the next 1x1 conv's two matmul
+  views). VoVNet's `_dw_pw` output has one reader and keeps the fused form."""
+  y, res = _depthwise_fwd(x, kernel, stride, pad)
+  return numerics.materialize(y), res
+
+
+depthwise_shifted.defvjp(_depthwise_vjp_fwd, _depthwise_bwd)
 
 
 def _gram(a, b, acc):
@@ -278,6 +290,8 @@ def _dot_grad_bwd(stride, pad, res, g):
   xp = jnp.pad(numerics.after(x, g), ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
   acc = jnp.promote_types(x.dtype, jnp.float32)
   if kh == kw == 1:
+    # read by two matmuls through different views: made once, not once per view
+    g = numerics.materialize(g)
     dk = _gram(_tap(xp, 0, 0, stride, ho, wo), g, acc).reshape(kernel.shape)
   else:
     dk = _dk_banded(xp, g, stride, kh, kw, acc)

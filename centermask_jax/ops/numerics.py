@@ -20,3 +20,13 @@ def after(x, g):
   result alive from the forward until the backward (XLA:CPU drops optimization barriers
   before CSE). x [...] any shape, g [...] -> x's shape and dtype."""
   return x + jnp.minimum(jnp.abs(jnp.ravel(g)[0]), 0).astype(x.dtype)
+
+
+def materialize(y):
+  """y, computed once into a buffer of its own: y / 1 with the 1 behind an optimization
+  barrier, so that XLA neither folds the division nor (rating a float division expensive)
+  copies y's producer into each of its consumers. XLA:CPU duplicates a cheap elementwise
+  producer (a depthwise conv's k*k multiply-adds) into every loop that reads it: the
+  forward, the activation's backward masks, each view a matmul reads. Exact (x / 1 = x for
+  every float); any shape and float dtype."""
+  return exact_div(y, jnp.ones((), y.dtype))
