@@ -27,6 +27,6 @@ def materialize(y):
   barrier, so that XLA neither folds the division nor (rating a float division expensive)
   copies y's producer into each of its consumers. XLA:CPU duplicates a cheap elementwise
   producer (a depthwise conv's k*k multiply-adds) into every loop that reads it: the
-  forward, the activation's backward masks, each view a matmul reads. Exact (x / 1 = x for
+  forward, the activation's backward masks, each view a matmul reads. Exact (y / 1 = y for
   every float); any shape and float dtype."""
   return exact_div(y, jnp.ones((), y.dtype))
