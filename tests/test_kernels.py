@@ -274,24 +274,32 @@ def _max_pool_grad64(xp, g):
 
 @pytest.mark.parametrize("shape,ties", [((2, 9, 12, 5), False), ((1, 10, 7, 3), True),
                                         ((2, 15, 15, 4), True)])
-def test_max_pool3s2_equals_reduce_window(shape, ties):
+@pytest.mark.parametrize("zero_empty", [False, True])
+def test_max_pool3s2_equals_reduce_window(shape, ties, zero_empty):
   """layers.max_pool3s2 (taps + custom gradient): forward == XLA's reduce-window max bit for
   bit; gradient == float64 first-max routing and XLA's reduce-window gradient (with ties
-  from integer inputs and -inf windows, as max_pool_ceil's padding makes)."""
+  from integer inputs and -inf windows, as max_pool_ceil's padding makes). zero_empty:
+  -inf windows give 0 and no gradient, as `where(isneginf(y), 0, y)` after the pool."""
   import flax.linen as nn
   from centermask_jax.models import layers as L
   rng = np.random.default_rng(30)
   x = rng.integers(0, 3, size=shape) if ties else rng.normal(size=shape)
   x = x.astype(np.float32)
-  x[:, -2:, -3:] = -np.inf
+  x[:, -4:, -5:] = -np.inf
   xp = jnp.asarray(x)
-  ref_fn = lambda a: nn.max_pool(a, (3, 3), strides=(2, 2), padding="VALID")
+  ref_pool = lambda a: nn.max_pool(a, (3, 3), strides=(2, 2), padding="VALID")
+  ref_fn = (lambda a: L._zero_neg_inf(ref_pool(a))) if zero_empty else ref_pool
   ref = ref_fn(xp)
-  np.testing.assert_array_equal(L.max_pool3s2(xp), ref)
+  empty = np.isneginf(np.asarray(ref_pool(xp)))
+  assert empty.any() and zero_empty == (not np.isneginf(np.asarray(ref)).any())
+  fn = functools.partial(L.max_pool3s2, zero_empty=zero_empty)
+  np.testing.assert_array_equal(fn(xp), ref)
   g = _rand(ref.shape, 31)
-  got = jax.vjp(L.max_pool3s2, xp)[1](g)[0]
-  np.testing.assert_allclose(got, _max_pool_grad64(xp, g), rtol=1e-6, atol=1e-6)
+  got = jax.vjp(fn, xp)[1](g)[0]
+  g_routed = jnp.where(empty, 0.0, g) if zero_empty else g
+  np.testing.assert_allclose(got, _max_pool_grad64(xp, g_routed), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(got, jax.vjp(ref_fn, xp)[1](g)[0], rtol=1e-6, atol=1e-6)
+  g = g_routed
   # bit for bit a float32 accumulation tap by tap in row-major order
   x32, g32 = np.asarray(xp), np.asarray(g)
   n, ho, wo, c = g32.shape
@@ -343,3 +351,84 @@ def test_taps_and_cotangents_are_computed_once(monkeypatch):
   for g1, g2 in zip(grads, grads_fused):
     np.testing.assert_array_equal(g1, g2)
   assert once < fused, (once, fused)
+
+
+def _temp_bytes(fn, *args):
+  """Temporary bytes of the compiled program (XLA's buffer assignment)."""
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_max_pool_keeps_only_the_winning_tap():
+  """Under differentiation max_pool_ceil keeps one int8 per output from the forward to the
+  backward: with the -inf windows zeroed outside the pool's custom gradient (as before) and
+  the winning tap left to XLA, the backward's loop re-derived them from the padded input,
+  which then stayed alive (a whole input-sized buffer more at the program's peak)."""
+  from centermask_jax.models import layers as L
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(2, 32, 48, 64)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(64, 1024)) * 0.05, jnp.float32)
+
+  def loss(pool):  # the pool, then a wide layer whose residuals make the peak
+    return lambda x: jnp.sum(jnp.tanh(jax.nn.relu(pool(x) @ k)))
+  old = lambda a: L._zero_neg_inf(L.max_pool3s2(jnp.pad(a, ((0, 0), (0, 1), (0, 1), (0, 0)),
+                                                        constant_values=-jnp.inf)))
+  new = lambda a: L.max_pool_ceil(a)
+  np.testing.assert_array_equal(jax.grad(loss(new))(x), jax.grad(loss(old))(x))
+  padded = 2 * 33 * 49 * 64 * 4
+  kept, before = _temp_bytes(jax.grad(loss(new)), x), _temp_bytes(jax.grad(loss(old)), x)
+  assert kept <= before - padded * 3 // 4, (kept, before, padded)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_group_norm_backward_equals_autodiff_and_keeps_less(relu):
+  """layers.group_norm (masked GroupNorm, ReLU fused when `relu`; its backward recomputes
+  the normalisation from the saved input): forward and gradients (input, scale, bias) bit
+  for bit the plain function's and its autodiff's; in a chain of conv ->
+  GroupNorm -> ReLU layers under grad the compiled program needs fewer temporary bytes
+  (autodiff kept the centred and the normalised input of every layer as well)."""
+  from centermask_jax.models import layers as L
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 24, 20, 32)) * 2 + 1, jnp.float32)
+  mask = np.ones((2, 24, 20, 1), np.float32)
+  mask[0, 17:], mask[1, :, 13:] = 0, 0
+  mask = jnp.asarray(mask)
+  scale = jnp.asarray(rng.uniform(0.5, 1.5, 32), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=32) * 0.3, jnp.float32)
+  g = _rand(x.shape, 6)
+  plain = lambda x, s, b: L._group_norm(x, mask, s, b, 8, 1e-5, relu)
+  fused = lambda x, s, b: L.group_norm(x, mask, s, b, 8, 1e-5, relu)
+  both = jax.jit(lambda *a: [(fn(*a), jax.vjp(fn, *a)[1](g)) for fn in (plain, fused)])
+  (y0, g0), (y1, g1) = both(x, scale, bias)
+  np.testing.assert_array_equal(y1, y0)
+  for a, b in zip(g1, g0):
+    np.testing.assert_array_equal(a, b)
+
+  ks = [jnp.asarray(rng.normal(size=(3, 3, 32, 32)) * 0.1, jnp.float32) for _ in range(4)]
+
+  def chain(gn):
+    def loss(x, ks):
+      for kk in ks:
+        x = gn(K.lax_conv2d(jnp.where(mask > 0, x, 0.0), kk, 1, 1), mask, scale, bias, 8,
+               1e-5, True)
+      return jnp.sum(x * x)
+    return jax.grad(loss, (0, 1))
+  kept, before = _temp_bytes(chain(L.group_norm), x, ks), _temp_bytes(chain(L._group_norm), x, ks)
+  assert kept < before, (kept, before)
+
+
+@pytest.mark.parametrize("top", [None, 6.0])
+def test_relu_gradient_from_its_output(top):
+  """layers.relu / relu6: jax.nn.relu's / relu6's values and gradients bit for bit (0 at
+  both edges, -0 and NaN), the mask taken from the output."""
+  from centermask_jax.models import layers as L
+  special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 1.0, -3.5, 6.0,
+                      np.nextafter(6, 0), np.nextafter(6, 7)], np.float32)
+  x = jnp.asarray(np.concatenate([special, np.random.default_rng(2).standard_normal(88)
+                                  .astype(np.float32) * 5]))
+  g = _rand(x.shape, 3)
+  fn, ref = (L.relu, jax.nn.relu) if top is None else (L.relu6, jax.nn.relu6)
+  f = jax.jit(lambda x: [(h(x), jax.vjp(h, x)[1](g)[0]) for h in (fn, ref)])
+  (y, dx), (y_ref, dx_ref) = f(x)
+  np.testing.assert_array_equal(np.asarray(y).view(np.uint32), np.asarray(y_ref).view(np.uint32))
+  np.testing.assert_array_equal(np.asarray(dx).view(np.uint32),
+                                np.asarray(dx_ref).view(np.uint32))

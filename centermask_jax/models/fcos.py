@@ -37,7 +37,7 @@ class FCOSHead(nn.Module):
     towers = {}
     for tower in ("cls_tower", "bbox_tower"):
       towers[tower] = [(L.Conv(c, 3, kernel_init=_normal01, name=f"{tower}.{3 * i}"),
-                        L.MaskedGroupNorm(32, name=f"{tower}.{3 * i + 1}"))
+                        L.MaskedGroupNorm(32, relu=True, name=f"{tower}.{3 * i + 1}"))
                        for i in range(self.num_convs)]
     bias_value = -math.log((1 - self.prior_prob) / self.prior_prob)
     cls_logits = L.Conv(self.num_classes, 3, kernel_init=_normal01,
@@ -53,7 +53,7 @@ class FCOSHead(nn.Module):
       for tower, layers in towers.items():
         t = f
         for conv, gn in layers:
-          t = nn.relu(gn(conv(t, mask), mask))
+          t = gn(conv(t, mask), mask)
         outs[tower] = t
       logits.append(cls_logits(outs["cls_tower"], mask))
       regs.append(nn.relu(scales[lvl](bbox_pred(outs["bbox_tower"], mask))))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from centermask_jax.ops import kernels
+from centermask_jax.ops import kernels, numerics
 from centermask_jax.ops.deform_conv import modulated_deform_conv
 from centermask_jax.ops.numerics import exact_div
 from centermask_jax.ops.padding import apply_mask, masked_group_stats
@@ -132,18 +132,80 @@ class FrozenBN(nn.Module):
 
 class MaskedGroupNorm(nn.Module):
   """GroupNorm (PyTorch semantics, biased variance) with statistics over the
-  official region only. x [N, H, W, C], mask [N, H, W, 1] or None."""
+  official region only, then ReLU when `relu` (one `group_norm`: its backward keeps only
+  the input). x [N, H, W, C], mask [N, H, W, 1] or None -> [N, H, W, C]."""
   num_groups: int = 32
   eps: float = 1e-5
+  relu: bool = False
 
   @nn.compact
   def __call__(self, x, mask=None):
-    n, h, w, c = x.shape
+    c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    xf, mean, var = masked_group_stats(x, mask, self.num_groups)
-    y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(n, h, w, c)
-    return (y * scale + bias).astype(x.dtype)
+    return group_norm(x, mask, scale, bias, self.num_groups, self.eps, self.relu)
+
+
+def _group_norm(x, mask, scale, bias, num_groups: int, eps: float, relu: bool):
+  """`group_norm` as plain ops (what its backward differentiates)."""
+  n, h, w, c = x.shape
+  xf, mean, var = masked_group_stats(x, mask, num_groups)
+  y = ((xf - mean) * jax.lax.rsqrt(var + eps)).reshape(n, h, w, c)
+  y = (y * scale + bias).astype(x.dtype)
+  return jax.nn.relu(y) if relu else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def group_norm(x, mask, scale, bias, num_groups: int, eps: float, relu: bool = False):
+  """Masked GroupNorm (statistics over the region), then ReLU when `relu`:
+  x [N, H, W, C], mask [N, H, W, 1] or None, scale / bias [C] -> [N, H, W, C].
+
+  The backward recomputes the normalisation from the saved input (after the cotangent,
+  `numerics.after`) and differentiates it as autodiff would: autodiff kept the centred
+  input, the normalised one and (for the ReLU) the input again, three full-size tensors
+  per layer from the forward to the backward (the FCOS towers' GN layers); now one."""
+  return _group_norm(x, mask, scale, bias, num_groups, eps, relu)
+
+
+def _group_norm_fwd(x, mask, scale, bias, num_groups, eps, relu):
+  return _group_norm(x, mask, scale, bias, num_groups, eps, relu), (x, mask, scale, bias)
+
+
+def _group_norm_bwd(num_groups, eps, relu, res, g):
+  x, mask, scale, bias = res
+  fn = lambda x, scale, bias: _group_norm(x, mask, scale, bias, num_groups, eps, relu)
+  dx, dscale, dbias = jax.vjp(fn, numerics.after(x, g), scale, bias)[1](g)
+  return dx, jax.tree_util.tree_map(jnp.zeros_like, mask), dscale, dbias
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def relu(x, top: Optional[float] = None):
+  """max(x, 0) (`jax.nn.relu`), or min(max(x, 0), top) (top 6: `jax.nn.relu6`). Under
+  differentiation the output y is made once (`numerics.materialize`) and the gradient
+  g * (0 < y < top) is taken from it, as PyTorch's in-place ReLU / ReLU6 backward does
+  (the same mask as from x, 0 at both edges and for NaN). XLA:CPU had recomputed y and the
+  mask from the pre-activation in the backward's loops, keeping that alive as well where
+  y itself is kept (an OSA concat conv's output, read by the eSE product; MobileNetV2's
+  expansion output, read by its depthwise conv's backward)."""
+  y = jnp.maximum(x, jnp.zeros((), x.dtype))
+  return y if top is None else jnp.minimum(y, jnp.asarray(top, x.dtype))
+
+
+def _relu_fwd(x, top):
+  y = numerics.materialize(relu(x, top))
+  return y, y
+
+
+def _relu_bwd(top, y, g):
+  keep = y > 0 if top is None else (y > 0) & (y < jnp.asarray(top, y.dtype))
+  return (jnp.where(keep, g, jnp.zeros((), g.dtype)),)
+
+
+relu.defvjp(_relu_fwd, _relu_bwd)
+relu6 = functools.partial(relu, top=6.0)
 
 
 def max_pool_ceil(x, mask=None):
@@ -156,45 +218,56 @@ def max_pool_ceil(x, mask=None):
     x = jnp.where(mask > 0, x, -jnp.inf)
   pad_h = 1 if x.shape[1] % 2 == 0 else 0
   pad_w = 1 if x.shape[2] % 2 == 0 else 0
-  y = max_pool3s2(jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
-                         constant_values=-jnp.inf))
-  return _zero_neg_inf(y)
+  return max_pool3s2(jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
+                             constant_values=-jnp.inf), zero_empty=True)
 
 
-def max_pool3s2(xp):
-  """3x3 stride-2 VALID max-pool as 9 strided taps: xp [N, Hp, Wp, C] -> [N, ho, wo, C].
+def max_pool3s2(xp, zero_empty: bool = False):
+  """3x3 stride-2 VALID max-pool as 9 strided taps: xp [N, Hp, Wp, C] -> [N, ho, wo, C];
+  zero_empty: windows whose maximum is -inf (all outside the region) give 0 instead.
 
   Gradient: to the first maximal tap of each window in row-major order (PyTorch's CPU
-  rule; none for a NaN window). Under differentiation the forward also keeps that tap's
-  index (int8 per output, 9 = none) instead of the padded input and the output, and the
-  backward builds the input gradient by row / column parity (`_max_pool3s2_bwd`). XLA's
-  reduce-window gradient (select-and-scatter) kept several int32 index maps of the input's
-  size live; re-deriving the winner in the backward recomputed the 9-tap max and a compare
-  chain inside each of 9 interior-padded placements."""
-  return _max_pool3s2(xp, xp.shape[1], xp.shape[2])
+  rule; none for a NaN window or a zeroed empty one). Under differentiation the forward
+  also makes that tap's index, once (int8 per output, 9 = none; `numerics.materialize`),
+  and keeps only it: not the padded input, not the output. The backward builds the input
+  gradient by row / column parity (`_max_pool3s2_bwd`). XLA's reduce-window gradient
+  (select-and-scatter) kept several int32 index maps of the input's size live;
+  re-deriving the winner in the backward recomputed the 9-tap max and a compare chain
+  inside each of 9 interior-padded placements; an index (or a -inf test) XLA left to the
+  backward's loop kept the padded input alive from the forward to the backward."""
+  return _max_pool3s2(xp, xp.shape[1], xp.shape[2], zero_empty)
 
 
-def _max_pool3s2_taps(xp):
-  """xp [N, Hp, Wp, C] -> (max [N, ho, wo, C], its 9 taps, row-major)."""
+def _max_pool3s2_taps(xp, zero_empty):
+  """xp [N, Hp, Wp, C] -> (max [N, ho, wo, C] (0 for -inf when zero_empty), its 9 taps,
+  row-major, the -inf test or None)."""
   ho, wo = (xp.shape[1] - 3) // 2 + 1, (xp.shape[2] - 3) // 2 + 1
   taps = [kernels._tap(xp, i, j, 2, ho, wo) for i in range(3) for j in range(3)]
   y = taps[0]
   for t in taps[1:]:
     y = jnp.maximum(y, t)
-  return y, taps
+  empty = jnp.isneginf(y) if zero_empty else None
+  return y, taps, empty
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _max_pool3s2(xp, hp, wp):
-  return _max_pool3s2_taps(xp)[0]
+def _zeroed(y, empty):
+  return y if empty is None else jnp.where(empty, jnp.zeros((), y.dtype), y)
 
 
-def _max_pool3s2_fwd(xp, hp, wp):
-  y, taps = _max_pool3s2_taps(xp)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _max_pool3s2(xp, hp, wp, zero_empty):
+  y, _, empty = _max_pool3s2_taps(xp, zero_empty)
+  return _zeroed(y, empty)
+
+
+def _max_pool3s2_fwd(xp, hp, wp, zero_empty):
+  y, taps, empty = _max_pool3s2_taps(xp, zero_empty)
   first = jnp.full(y.shape, 9, jnp.int8)  # 9: no tap equals the max (a NaN window)
   for k in range(8, -1, -1):
     first = jnp.where(taps[k] == y, jnp.int8(k), first)
-  return y, first
+  if empty is not None:
+    first = jnp.where(empty, jnp.int8(9), first)
+  return _zeroed(y, empty), numerics.materialize(first)
 
 
 # Input row 2a + p is, for option r, tap row _POOL_TAP[r][p] of window a - _POOL_SHIFT[r]
@@ -204,7 +277,7 @@ _POOL_TAP = ((0, 1), (2, -1))  # [option][parity] -> tap row (column) index
 _POOL_SHIFT = (0, 1)  # [option] -> window offset d
 
 
-def _max_pool3s2_bwd(hp, wp, first, g):
+def _max_pool3s2_bwd(hp, wp, zero_empty, first, g):
   """first [N, ho, wo, C] int8 winning tap, g [N, ho, wo, C] -> (d xp [N, hp, wp, C],).
 
   d xp as [N, ho + 1, 2, wo + 1, 2, C] (row / column parity as axes, a reshape away from

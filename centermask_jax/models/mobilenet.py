@@ -13,7 +13,6 @@ expand ratio 1, else 0, 1, 3, 4, 6, 7; ReLU6 slots have no variables).
 from typing import Dict, Tuple
 
 import flax.linen as nn
-import jax
 
 from centermask_jax.models import layers as L
 from centermask_jax.ops import padding
@@ -48,12 +47,12 @@ class InvertedResidual(nn.Module):
     y = x
     if self.expand_ratio != 1:
       y = L.Conv(hidden, 1, use_bias=False, kernel_init=_fan_out, name="conv.0")(y)
-      y = jax.nn.relu6(L.FrozenBN(name="conv.1")(y))
+      y = L.relu6(L.FrozenBN(name="conv.1")(y))
       k = 3
     mask = None if padded_hw is None else padding.region_mask(padded_hw, y.shape[1:3], in_stride)
     y = L.Conv(hidden, 3, self.stride, groups=hidden, use_bias=False, kernel_init=_fan_out,
                name=f"conv.{k}")(y, mask)
-    y = jax.nn.relu6(L.FrozenBN(name=f"conv.{k + 1}")(y))
+    y = L.relu6(L.FrozenBN(name=f"conv.{k + 1}")(y))
     y = L.Conv(self.out_channels, 1, use_bias=False, kernel_init=_fan_out,
                name=f"conv.{k + 3}")(y)
     y = L.FrozenBN(name=f"conv.{k + 4}")(y)
@@ -75,7 +74,7 @@ class MobileNetV2(nn.Module):
   def __call__(self, x, padded_hw):
     x = L.Conv(STEM_CHANNELS, 3, 2, use_bias=False, kernel_init=_fan_out,
                name="features.0.0")(x, padding.region_mask(padded_hw, x.shape[1:3], 1))
-    x = jax.nn.relu6(L.FrozenBN(name="features.0.1")(x))
+    x = L.relu6(L.FrozenBN(name="features.0.1")(x))
     x = L.freeze_below(x, self.freeze_at >= 1)
     stride = 2
     i = 1

@@ -77,7 +77,7 @@ def conv_norm_relu(x, mask, prefix: str, features: int, kernel_size: int = 3, st
   """
   x = L.Conv(features, kernel_size, stride, use_bias=False, kernel_init=_he,
              name=f"{prefix}:conv")(x, mask)
-  return nn.relu(norm_layer(x, mask, f"{prefix}:norm", norm, stride))
+  return L.relu(norm_layer(x, mask, f"{prefix}:norm", norm, stride))
 
 
 def dcn_norm_relu(x, mask, prefix: str, features: int, norm: str = "FrozenBN",
@@ -102,7 +102,7 @@ def dw_conv_norm_relu(x, mask, prefix: str, features: int, stride: int = 1,
   kdw = L.ConvKernel((3, 3, 1, c), _he, name=f"{prefix}:dw_conv3x3")()
   kpw = L.ConvKernel((1, 1, c, features), _he, name=f"{prefix}:pw_conv1x1")()
   x = L.depthwise_pointwise(x, mask, kdw, kpw, stride)
-  return nn.relu(norm_layer(x, mask, f"{prefix}:pw_norm", norm, stride))
+  return L.relu(norm_layer(x, mask, f"{prefix}:pw_norm", norm, stride))
 
 
 class OSAModule(nn.Module):

@@ -24,9 +24,11 @@ def after(x, g):
 
 def materialize(y):
   """y, computed once into a buffer of its own: y / 1 with the 1 behind an optimization
-  barrier, so that XLA neither folds the division nor (rating a float division expensive)
-  copies y's producer into each of its consumers. XLA:CPU duplicates a cheap elementwise
-  producer (a depthwise conv's k*k multiply-adds) into every loop that reads it: the
-  forward, the activation's backward masks, each view a matmul reads. Exact (y / 1 = y for
-  every float); any shape and float dtype."""
-  return exact_div(y, jnp.ones((), y.dtype))
+  barrier, so that XLA neither folds the division nor (rating a division by a non-constant
+  expensive) copies y's producer into each of its consumers. XLA:CPU duplicates a cheap
+  elementwise producer (a depthwise conv's k*k multiply-adds) into every loop that reads
+  it: the forward, the activation's backward masks, each view a matmul reads; or leaves it
+  to a backward loop, keeping its inputs alive until then. Exact (y / 1 = y for every float
+  and integer); any shape, float or integer dtype."""
+  one = jax.lax.optimization_barrier(jnp.ones(jnp.shape(y), y.dtype))
+  return jax.lax.div(y, one)
