@@ -251,6 +251,7 @@ def _max_pool3s2_taps(xp, zero_empty):
 
 
 def _zeroed(y, empty):
+  """y with zeros where `empty` (None: y as it is)."""
   return y if empty is None else jnp.where(empty, jnp.zeros((), y.dtype), y)
 
 
@@ -307,7 +308,7 @@ _max_pool3s2.defvjp(_max_pool3s2_fwd, _max_pool3s2_bwd)
 
 def _zero_neg_inf(y):
   """Windows entirely outside the region pooled to -inf: make them 0 (still outside)."""
-  return jnp.where(jnp.isneginf(y), jnp.zeros((), y.dtype), y)
+  return _zeroed(y, jnp.isneginf(y))
 
 
 def max_pool_same(x, mask=None):
