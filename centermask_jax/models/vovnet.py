@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from centermask_jax.models import layers as L
-from centermask_jax.ops import padding
+from centermask_jax.ops import kernels, padding
 from centermask_jax.ops.numerics import exact_div
 
 
@@ -130,20 +130,60 @@ class OSAModule(nn.Module):
     dcn = functools.partial(dcn_norm_relu, norm=self.norm, impl=self.dcn_impl,
                             valid_hw=valid_hw)
     block_input = x
-    outputs = [x]
+    reduced = None
     if self.depthwise and x.shape[-1] != self.stage_ch:
-      x = cnr(x, mask, f"conv_reduction.{tag}_reduction_0", self.stage_ch, 1)
-    for i in range(self.num_layers):
-      layer = dw if self.depthwise else dcn if self.dcn else cnr
-      x = layer(x, mask, f"layers.{i}.{tag}_{i}", self.stage_ch)
-      outputs.append(x)
-    y = cnr(jnp.concatenate(outputs, -1), mask, f"concat.{tag}_concat", self.concat_ch, 1)
+      reduced = cnr(x, mask, f"conv_reduction.{tag}_reduction_0", self.stage_ch, 1)
+    if self.norm == "FrozenBN" and not self.dcn:  # the official layers: one pure chain
+      cat = L.relu_chain_concat(_dw_bn if self.depthwise else _conv_bn, self.stage_ch,
+                                x, reduced, mask, self._chain_params(x.shape[-1]))
+    else:
+      outputs = [x]
+      x = x if reduced is None else reduced
+      for i in range(self.num_layers):
+        layer = dw if self.depthwise else dcn if self.dcn else cnr
+        x = layer(x, mask, f"layers.{i}.{tag}_{i}", self.stage_ch)
+        outputs.append(x)
+      cat = jnp.concatenate(outputs, -1)
+    y = cnr(cat, mask, f"concat.{tag}_concat", self.concat_ch, 1)
     gate = padding.masked_mean(y, mask)
     gate = L.Conv(self.concat_ch, 1, use_bias=True, kernel_init=_he, name="ese.fc")(gate)
     y = y * hsigmoid(gate)
     if self.identity:
       y = y + block_input
     return y
+
+  def _chain_params(self, in_ch: int):
+    """Per layer, the parameters `conv_norm_relu` / `dw_conv_norm_relu` would create (same
+    names, shapes and inits) as (kernel(s)..., FrozenBN scale, shift) for `_conv_bn` /
+    `_dw_bn`."""
+    out, c = [], in_ch if not self.depthwise else self.stage_ch
+    for i in range(self.num_layers):
+      prefix = f"layers.{i}.{self.tag}_{i}"
+      if self.depthwise:
+        ks = (L.ConvKernel((3, 3, 1, c), _he, name=f"{prefix}:dw_conv3x3")(),
+              L.ConvKernel((1, 1, c, self.stage_ch), _he, name=f"{prefix}:pw_conv1x1")())
+        norm = f"{prefix}:pw_norm"
+      else:
+        ks = (L.ConvKernel((3, 3, c, self.stage_ch), _he, name=f"{prefix}:conv")(),)
+        norm = f"{prefix}:norm"
+      out.append(ks + L.FrozenBN(name=norm)(channels=self.stage_ch))
+      c = self.stage_ch
+    return tuple(out)
+
+
+def _conv_bn(x, mask, p):
+  """`conv_norm_relu` (3x3, FrozenBN) before its ReLU, as a pure function of
+  p = (kernel, scale, shift): x [N, H, W, C] -> [N, H, W, D]."""
+  kernel, scale, shift = p
+  x = padding.apply_mask(x, mask)
+  return L.frozen_bn_apply(kernels.conv2d(x, kernel.astype(x.dtype), 1, 1), scale, shift)
+
+
+def _dw_bn(x, mask, p):
+  """`dw_conv_norm_relu` (FrozenBN) before its ReLU, as a pure function of
+  p = (kdw, kpw, scale, shift): x [N, H, W, C] -> [N, H, W, D]."""
+  kdw, kpw, scale, shift = p
+  return L.frozen_bn_apply(L.depthwise_pointwise(x, mask, kdw, kpw), scale, shift)
 
 
 class VoVNet(nn.Module):
