@@ -256,7 +256,7 @@ def _relu_chain_concat_bwd(layer, width, res, g):
   for i in range(n, 0, -1):
     y = numerics.after(piece(cat, i), dx)
     inp = x if (i == 1 and x is not None) else numerics.after(piece(cat, i - 1), dx)
-    dpre = jnp.where(y > 0, dx, jnp.zeros((), dx.dtype))
+    dpre = _relu_bwd(None, y, dx)[0]
     _, vjp = jax.vjp(lambda h, p: layer(h, mask, p), inp, params[i - 1])
     d_inp, dparams[i - 1] = vjp(dpre)
     dx = d_inp if (i == 1 and x is not None) else piece(g, i - 1) + d_inp
