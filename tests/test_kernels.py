@@ -439,6 +439,16 @@ def test_relu_gradient_from_its_output(top):
                                 np.asarray(dx_ref).view(np.uint32))
 
 
+def _plain_relu_chain_concat(layer, width, x0, x, mask, params):
+  """`layers.relu_chain_concat` as plain ops (what autodiff differentiates layer by layer)."""
+  from centermask_jax.models import layers as L
+  xs, h = [x0], x0 if x is None else x
+  for p in params:
+    h = L.relu(layer(h, mask, p))
+    xs.append(h)
+  return jnp.concatenate(xs, -1)
+
+
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_relu_chain_concat_backward_equals_autodiff(depthwise):
   """layers.relu_chain_concat (an OSA block's layers and their concatenation; its backward
@@ -468,11 +478,8 @@ def test_relu_chain_concat_backward_equals_autodiff(depthwise):
   wc = jnp.asarray(rng.normal(size=(1, 1, c0 + n * width, 32)) * 0.1, jnp.float32)
 
   def plain(x0, red, ks):
-    xs, h = [x0], x0 if red is None else red
-    for k, f in zip(ks, frozen):
-      h = L.relu(layer(h, mask, k + f))
-      xs.append(h)
-    return jnp.concatenate(xs, -1)
+    return _plain_relu_chain_concat(layer, width, x0, red, mask,
+                                    tuple(k + f for k, f in zip(ks, frozen)))
 
   def chain(x0, red, ks):
     return L.relu_chain_concat(layer, width, x0, red, mask,
@@ -512,13 +519,7 @@ def test_vovnet_osa_blocks_keep_each_layer_output_once(monkeypatch):
     return c(v["params"]), c.memory_analysis().temp_size_in_bytes
   grads, kept = run()
 
-  def plain_chain(layer, width, x0, x, mask, params):
-    xs, h = [x0], x0 if x is None else x
-    for p in params:
-      h = L.relu(layer(h, mask, p))
-      xs.append(h)
-    return jnp.concatenate(xs, -1)
-  monkeypatch.setattr(L, "relu_chain_concat", plain_chain)
+  monkeypatch.setattr(L, "relu_chain_concat", _plain_relu_chain_concat)
   grads_plain, before = run()
   stage2_outputs = 5 * 2 * (hw[0] // 4) * (hw[1] // 4) * 128 * 4
   assert kept <= before - stage2_outputs, (kept, before, stage2_outputs)
