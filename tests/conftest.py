@@ -134,7 +134,7 @@ LIGHT_FILES = (
     "test_imagenet_init.py", "test_fcos_postprocess.py", "test_data_transforms_synthetic.py",
     "test_evaluation.py", "test_postprocess.py", "test_structure.py", "test_train_order.py",
     "test_classes.py", "test_cli.py", "test_visualize.py", "test_host_memory.py",
-    "test_host_devices.py", "test_fg_slots.py")
+    "test_host_devices.py", "test_fg_slots.py", "test_xla_flags.py")
 # Handed out before every other file, in this order: test_distributed's exclusive section
 # (two training processes) runs while the other worker is fresh and takes the light files.
 FIRST_FILES = ("test_distributed.py",) + LIGHT_FILES

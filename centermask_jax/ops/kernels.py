@@ -29,6 +29,9 @@ measured faster on the backend (`benchmarks/kernels.py`):
   (`numerics.after`), so that XLA neither merges the op with the forward's identical one
   nor schedules it early: either kept every layer's copy alive through the backward.
 
+Which library XLA:CPU runs the convs with (its own rather than YNNPACK) is an XLA flag set
+on import (`centermask_jax.xla_flags`).
+
 Layout NHWC / HWIO as `lax.conv_general_dilated(..., ("NHWC", "HWIO", "NHWC"))`.
 """
 import contextlib
