@@ -194,4 +194,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  sys.path.insert(0, vr.REPO)
+  from centermask_jax import runlog
+  runlog.quiet_startup()  # before TensorFlow is imported
   main()
