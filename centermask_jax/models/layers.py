@@ -253,13 +253,14 @@ def _relu_chain_concat_bwd(layer, width, res, g):
 
   dx = piece(g, n)
   dparams = [None] * n
+  y = numerics.after(piece(cat, n), dx)
   for i in range(n, 0, -1):
-    y = numerics.after(piece(cat, i), dx)
     inp = x if (i == 1 and x is not None) else numerics.after(piece(cat, i - 1), dx)
     dpre = _relu_bwd(None, y, dx)[0]
     _, vjp = jax.vjp(lambda h, p: layer(h, mask, p), inp, params[i - 1])
     d_inp, dparams[i - 1] = vjp(dpre)
     dx = d_inp if (i == 1 and x is not None) else piece(g, i - 1) + d_inp
+    y = inp  # x_{i-1}: layer i's input is layer i-1's output (one slice for both uses)
   dx0, dx_red = (piece(g, 0), dx) if x is not None else (dx, None)
   return dx0, dx_red, jax.tree_util.tree_map(jnp.zeros_like, mask), tuple(dparams)
 
