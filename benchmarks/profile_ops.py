@@ -175,9 +175,7 @@ def main():
   else:
     import functools
     from centermask_jax.training import optimizer as opt_lib, step as step_lib
-    lite_hw = [tuple(int(v) for v in s) for s in np.load(os.path.join(
-        args.shared, "fixtures", vr.IMAGES_FIXTURE, "inputs.npz"))["image_sizes"]]
-    gt = vr.load_gt(args.shared, lite_hw, [im[1] for im in imgs])
+    gt = vr.load_gt(args.shared, [im[1] for im in imgs])
     batch = {k: jnp.asarray(np.asarray(gt[k])[sel]) for k in ("gt_boxes", "gt_classes", "gt_valid",
                                               "gt_polys", "gt_poly_len")}
     batch.update(image=jnp.asarray(x), image_hw=image_hw, padded_hw=padded_hw)

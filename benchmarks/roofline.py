@@ -81,17 +81,14 @@ def program_flops(key, mode, shared, fg_slots):
 
   from centermask_jax.config import load_config
   from centermask_jax.models.centermask import CenterMask
-  from centermask_jax.ops import kernels, padding
+  from centermask_jax.ops import kernels
   from centermask_jax.training import optimizer as opt_lib, step as step_lib
 
   cfg = load_config(os.path.join(vr.REPO, "configs", vr.MODELS[key][0] + ".py"))
   model = CenterMask(cfg)
   variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0)))
   imgs = vr.load_images(cfg, shared)
-  sel = {"infer_b1_img0": [0], "infer_b1_img1": [1]}.get(mode, [0, 1])
-  div = cfg.input.size_divisibility
-  padded = tuple(max(int(padding.official_padded_hw(imgs[i][1][a], div)) for i in sel)
-                 for a in range(2))
+  sel, padded = vr.mode_batch(cfg, imgs, mode)
   n = len(sel)
   image = jax.ShapeDtypeStruct((n, *padded, 3), jnp.uint8)
   hw = jax.ShapeDtypeStruct((n, 2), jnp.int32)
@@ -102,9 +99,7 @@ def program_flops(key, mode, shared, fg_slots):
     if mode.startswith("infer"):
       jaxpr = jax.make_jaxpr(model.predict)(variables, image, hw, hw)
     else:
-      lite_hw = [tuple(int(v) for v in s) for s in np.load(os.path.join(
-          shared, "fixtures", vr.IMAGES_FIXTURE, "inputs.npz"))["image_sizes"]]
-      gt = vr.load_gt(shared, lite_hw, [im[1] for im in imgs])
+      gt = vr.load_gt(shared, [im[1] for im in imgs])
       batch = {k: jax.ShapeDtypeStruct(np.shape(gt[k]), np.asarray(gt[k]).dtype)
                for k in ("gt_boxes", "gt_classes", "gt_valid", "gt_polys", "gt_poly_len")}
       batch.update(image=image, image_hw=hw, padded_hw=hw)

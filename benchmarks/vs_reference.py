@@ -144,12 +144,24 @@ def load_images(cfg, shared):
   return out
 
 
-def load_gt(shared, lite_hw, hws):
-  """Real COCO GT of both images (derived box dropped), scaled from the Lite resize
-  `lite_hw` to `hws` -> batch-contract arrays [2, G, ...]."""
+def mode_batch(cfg, imgs, mode):
+  """-> (indices of `imgs` in the mode's batch, its official padded (H, W))."""
+  from centermask_jax.ops import padding
+  sel = {"infer_b1_img0": [0], "infer_b1_img1": [1]}.get(mode, [0, 1])
+  div = cfg.input.size_divisibility
+  padded = tuple(max(int(padding.official_padded_hw(imgs[i][1][a], div)) for i in sel)
+                 for a in range(2))
+  return sel, padded
+
+
+def load_gt(shared, hws):
+  """Real COCO GT of both images (derived box dropped), scaled from the fixture's Lite
+  resize to `hws` -> batch-contract arrays [2, G, ...]."""
   import numpy as np
   from centermask_jax.tools.parity_train import load_fixture_gt
   fx = os.path.join(shared, "fixtures", IMAGES_FIXTURE)
+  lite_hw = [tuple(int(v) for v in s)
+             for s in np.load(os.path.join(fx, "inputs.npz"))["image_sizes"]]
   gt = load_fixture_gt(fx)
   with open(os.path.join(fx, "gt_instances.json")) as f:
     gj = json.load(f)
@@ -173,7 +185,6 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
   from centermask_jax.checkpoints import official
   from centermask_jax.config import config_or_exit
   from centermask_jax.models.centermask import CenterMask
-  from centermask_jax.ops import padding
 
   name, _, label = MODELS[key]
   cfg = config_or_exit(os.path.join(REPO, "configs", name + ".py"), config_argv)
@@ -182,10 +193,7 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
   template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
   variables = official.import_checkpoint(template, weights_path(key, shared, cache))
   imgs = load_images(cfg, shared)
-  sel = {"infer_b1_img0": [0], "infer_b1_img1": [1]}.get(mode, [0, 1])
-  div = cfg.input.size_divisibility
-  padded = tuple(max(int(padding.official_padded_hw(imgs[i][1][a], div)) for i in sel)
-                 for a in range(2))
+  sel, padded = mode_batch(cfg, imgs, mode)
   assert padded == REFERENCE[(key, mode)][3], (padded, REFERENCE[(key, mode)][3])
   n = len(sel)
   image_hw = np.asarray([imgs[i][1] for i in sel], np.int32)
@@ -219,9 +227,7 @@ def run_child(key, mode, warmup, iters, shared, cache, config_argv, train_device
     from centermask_jax import parallel
     from centermask_jax.training import optimizer as opt_lib, step as step_lib
     hws = [im[1] for im in imgs]
-    lite_hw = [tuple(int(v) for v in s) for s in np.load(os.path.join(
-        shared, "fixtures", IMAGES_FIXTURE, "inputs.npz"))["image_sizes"]]
-    gt = load_gt(shared, lite_hw, hws)
+    gt = load_gt(shared, hws)
     x = np.zeros((2, *padded, 3), np.uint8)  # as the data pipeline sends it
     for i in range(2):
       h, w = hws[i]
