@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from centermask_jax.models import layers as L
 from centermask_jax.ops import kernels as K
 from fast_init import jit_init
 
@@ -439,14 +440,9 @@ def test_relu_gradient_from_its_output(top):
                                 np.asarray(dx_ref).view(np.uint32))
 
 
-def _plain_relu_chain_concat(layer, width, x0, x, mask, params):
-  """`layers.relu_chain_concat` as plain ops (what autodiff differentiates layer by layer)."""
-  from centermask_jax.models import layers as L
-  xs, h = [x0], x0 if x is None else x
-  for p in params:
-    h = L.relu(layer(h, mask, p))
-    xs.append(h)
-  return jnp.concatenate(xs, -1)
+# `layers.relu_chain_concat`'s forward as plain ops, without its custom VJP (what autodiff
+# differentiates layer by layer); taken once, before any test monkeypatches the name.
+_plain_relu_chain_concat = L.relu_chain_concat.fun
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
