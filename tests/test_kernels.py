@@ -388,8 +388,9 @@ def test_max_pool_keeps_only_the_winning_tap():
 @pytest.mark.parametrize("relu", [False, True])
 def test_group_norm_backward_equals_autodiff_and_keeps_less(relu):
   """layers.group_norm (masked GroupNorm, ReLU fused when `relu`; its backward recomputes
-  the normalisation from the saved input): forward and gradients (input, scale, bias) bit
-  for bit the plain function's and its autodiff's; in a chain of conv ->
+  the statistics from the saved input and applies the gradient's closed form): forward bit
+  for bit the plain function's, gradients (input, scale, bias) equal to its autodiff's up
+  to float rounding (the closed form sums in another order); in a chain of conv ->
   GroupNorm -> ReLU layers under grad the compiled program needs fewer temporary bytes
   (autodiff kept the centred and the normalised input of every layer as well)."""
   from centermask_jax.models import layers as L
@@ -407,7 +408,8 @@ def test_group_norm_backward_equals_autodiff_and_keeps_less(relu):
   (y0, g0), (y1, g1) = both(x, scale, bias)
   np.testing.assert_array_equal(y1, y0)
   for a, b in zip(g1, g0):
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+  assert np.all(np.asarray(g1[0])[np.asarray(mask)[..., 0] == 0] == 0)  # none outside
 
   ks = [jnp.asarray(rng.normal(size=(3, 3, 32, 32)) * 0.1, jnp.float32) for _ in range(4)]
 

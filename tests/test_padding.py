@@ -46,11 +46,13 @@ def test_masked_statistics_equal_statistics_of_the_crop():
   mean = np.asarray(padding.masked_mean(x, mask))
   for i, c in enumerate(crops):
     np.testing.assert_allclose(mean[i, 0, 0], c.mean(axis=(0, 1)), rtol=1e-5)
-  xg, gm, gv = padding.masked_group_stats(x, mask, 4)
-  assert xg.shape == (2, 6, 7, 4, 2)
+  xm, gm, gv, count = padding.masked_group_stats(x, mask, 4)
+  assert xm.shape == (2, 42, 8) and gm.shape == gv.shape == (2, 1, 8)
+  np.testing.assert_array_equal(np.asarray(count).reshape(2), [3 * 7 * 2, 6 * 5 * 2])
   for i, c in enumerate(crops):
     g = c.reshape(c.shape[0], c.shape[1], 4, 2).astype(np.float64)
-    np.testing.assert_allclose(np.asarray(gm)[i].reshape(4), g.mean(axis=(0, 1, 3)),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(gv)[i].reshape(4), g.var(axis=(0, 1, 3)), rtol=1e-4)
+    want_mean = np.repeat(g.mean(axis=(0, 1, 3)), 2)  # each channel holds its group's
+    want_var = np.repeat(g.var(axis=(0, 1, 3)), 2)
+    np.testing.assert_allclose(np.asarray(gm)[i, 0], want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(gv)[i, 0], want_var, rtol=1e-4)
   np.testing.assert_array_equal(np.asarray(padding.apply_mask(x, mask))[0, 3:], 0.0)

@@ -55,7 +55,8 @@ def region_flat(padded_hw, level_hw: Sequence[Tuple[int, int]], strides: Sequenc
 
 
 def apply_mask(x, mask):
-  """x [N, H, W, C], mask [N, H, W, 1] or None -> x with zeros outside the region."""
+  """x [N, H, W, C], mask [N, H, W, 1] or None (or any [..., C] and [..., 1]) -> x with
+  zeros outside the region."""
   return x if mask is None else jnp.where(mask > 0, x, jnp.zeros((), x.dtype))
 
 
@@ -68,20 +69,33 @@ def masked_mean(x, mask=None):
   return total / jnp.sum(m, axis=(1, 2), keepdims=True)
 
 
+def group_sums(v, num_groups: int):
+  """v [N, C] -> [N, C]: each channel's entry replaced by the sum over its group of C /
+  num_groups consecutive channels."""
+  n, c = v.shape
+  s = jnp.sum(v.reshape(n, num_groups, c // num_groups), axis=-1, keepdims=True)
+  return jnp.broadcast_to(s, (n, num_groups, c // num_groups)).reshape(n, c)
+
+
 def masked_group_stats(x, mask, num_groups: int):
   """GroupNorm statistics over the region (biased variance, float32).
 
-  x [N, H, W, C], mask [N, H, W, 1] or None -> (xg [N, H, W, G, C/G] float32 masked input,
-  mean [N, 1, 1, G, 1], var [N, 1, 1, G, 1]).
+  x [N, H, W, C], mask [N, H, W, 1] or None -> (xm [N, H*W, C] float32, the input with
+  zeros outside the region; mean [N, 1, C] and var [N, 1, C], each channel holding its
+  group's; count [N, 1, 1], the elements of a group in the region).
+
+  Each sum runs over the rows first (a reduction of [N, H*W, C] over its middle axis, the
+  channels staying contiguous) and then over the group's channels: XLA:CPU reduces
+  [N, H, W, G, C/G] over (1, 2, 4) about twice as slowly (FCOS tower P3 map, 2x108x100x128).
   """
   n, h, w, c = x.shape
-  g = num_groups
-  xg = apply_mask(x, mask).astype(jnp.float32).reshape(n, h, w, g, c // g)
-  if mask is None:
-    m = jnp.ones((n, h, w, 1, 1), jnp.float32)
-  else:
-    m = mask.reshape(n, h, w, 1, 1).astype(jnp.float32)
-  count = jnp.sum(m, axis=(1, 2, 3, 4), keepdims=True) * (c // g)
-  mean = jnp.sum(xg * m, axis=(1, 2, 4), keepdims=True) / count
-  var = jnp.sum(jnp.square((xg - mean) * m), axis=(1, 2, 4), keepdims=True) / count
-  return xg, mean, var
+  xm = apply_mask(x, mask).astype(jnp.float32).reshape(n, h * w, c)
+  per_image = (jnp.full((n, 1), h * w, jnp.float32) if mask is None else
+               jnp.sum(mask.reshape(n, h * w).astype(jnp.float32), axis=1, keepdims=True))
+  count = (per_image * (c // num_groups))[:, None, :]
+  mean = group_sums(jnp.sum(xm, axis=1), num_groups)[:, None, :] / count
+  centred = xm - mean
+  if mask is not None:
+    centred = apply_mask(centred, mask.reshape(n, h * w, 1))
+  var = group_sums(jnp.sum(jnp.square(centred), axis=1), num_groups)[:, None, :] / count
+  return xm, mean, var, count
