@@ -12,6 +12,7 @@ numbers stripped (e.g. all depthwise convs of one module kind) instead of per in
 Times are per call (sum / iters); "%" is of the summed op time, not wall time.
 """
 import argparse
+import bisect
 import collections
 import glob
 import os
@@ -61,7 +62,21 @@ def self_times(prof, idx, iters):
   Thunks nest (a while/conditional/call thunk contains the thunks of its body, on the same
   thread), so each event's time is its duration minus that of the thunk events it contains
   on its thread; events that are not HLO instructions (profiler bookkeeping) are ignored.
+  A thunk that runs asynchronously (XLA:CPU's own convolutions: its event ends when the
+  work is handed to the thread pool) lasts until its "end: NAME" marker (the first one
+  after its event, on any thread) and counts whole, as a leaf: thunks that run beside it
+  are not subtracted.
   """
+  ends = collections.defaultdict(list)
+  for plane in prof.planes:
+    if plane.name != "/host:CPU":
+      continue
+    for line in plane.lines:
+      for e in line.events:
+        if e.name.startswith("end: ") and e.name[5:] in idx:
+          ends[e.name[5:]].append(e.start_ns)
+  for v in ends.values():
+    v.sort()
   tot = collections.Counter()
   t0, t1 = None, None
   for plane in prof.planes:
@@ -70,17 +85,31 @@ def self_times(prof, idx, iters):
     for line in plane.lines:
       if line.name == "python":
         continue
-      evs = sorted(((e.start_ns, e.start_ns + e.duration_ns, e.name) for e in line.events
-                    if e.name in idx), key=lambda e: (e[0], -e[1]))
-      stack = []  # [end, name, child time]
+      evs = []
+      for e in line.events:
+        if e.name not in idx:
+          continue
+        s, end = e.start_ns, e.start_ns + e.duration_ns
+        marks, done = ends.get(e.name), None
+        if marks:
+          i = bisect.bisect_left(marks, s)
+          if i < len(marks) and marks[i] > end:
+            done = marks[i]
+        evs.append((s, end, e.name, done))
+      evs.sort(key=lambda e: (e[0], -e[1]))
+      stack = []  # [child time, name, start, end]
       def close(item):
         tot[item[1]] += (item[3] - item[2] - item[0]) / 1e9 / iters
-      for s, e, name in evs:
+      for s, e, name, done in evs:
         while stack and stack[-1][3] <= s:
           close(stack.pop())
         if stack:
           stack[-1][0] += e - s
-        stack.append([0, name, s, e])
+        if done is None:
+          stack.append([0, name, s, e])
+        else:  # asynchronous: a leaf, whatever runs beside it
+          tot[name] += (done - s) / 1e9 / iters
+          e = done
         t0 = s if t0 is None else min(t0, s)
         t1 = e if t1 is None else max(t1, e)
       while stack:
