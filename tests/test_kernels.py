@@ -283,7 +283,6 @@ def test_max_pool3s2_equals_reduce_window(shape, ties, zero_empty):
   from integer inputs and -inf windows, as max_pool_ceil's padding makes). zero_empty:
   -inf windows give 0 and no gradient, as `where(isneginf(y), 0, y)` after the pool."""
   import flax.linen as nn
-  from centermask_jax.models import layers as L
   rng = np.random.default_rng(30)
   x = rng.integers(0, 3, size=shape) if ties else rng.normal(size=shape)
   x = x.astype(np.float32)
@@ -365,7 +364,6 @@ def test_max_pool_keeps_only_the_winning_tap():
   backward: with the -inf windows zeroed outside the pool's custom gradient (as before) and
   the winning tap left to XLA, the backward's loop re-derived them from the padded input,
   which then stayed alive (a whole input-sized buffer more at the program's peak)."""
-  from centermask_jax.models import layers as L
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(2, 32, 48, 64)), jnp.float32)
   k = jnp.asarray(rng.normal(size=(64, 1024)) * 0.05, jnp.float32)
@@ -393,7 +391,6 @@ def test_group_norm_backward_equals_autodiff_and_keeps_less(relu):
   to float rounding (the closed form sums in another order); in a chain of conv ->
   GroupNorm -> ReLU layers under grad the compiled program needs fewer temporary bytes
   (autodiff kept the centred and the normalised input of every layer as well)."""
-  from centermask_jax.models import layers as L
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(size=(2, 24, 20, 32)) * 2 + 1, jnp.float32)
   mask = np.ones((2, 24, 20, 1), np.float32)
@@ -428,7 +425,6 @@ def test_group_norm_backward_equals_autodiff_and_keeps_less(relu):
 def test_relu_gradient_from_its_output(top):
   """layers.relu / relu6: jax.nn.relu's / relu6's values and gradients bit for bit (0 at
   both edges, -0 and NaN), the mask taken from the output."""
-  from centermask_jax.models import layers as L
   special = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 1.0, -3.5, 6.0,
                       np.nextafter(6, 0), np.nextafter(6, 7)], np.float32)
   x = jnp.asarray(np.concatenate([special, np.random.default_rng(2).standard_normal(88)
@@ -453,7 +449,6 @@ def test_relu_chain_concat_backward_equals_autodiff(depthwise):
   reads each layer's output from the concatenation): forward and gradients (block input,
   reduced input, kernels) bit for bit the plain chain's and its autodiff's, through
   VoVNet's dense and depthwise FrozenBN layers with a region mask."""
-  from centermask_jax.models import layers as L
   from centermask_jax.models import vovnet as V
   rng = np.random.default_rng(8)
   c0, width, n = 24, 16, 3
@@ -501,7 +496,6 @@ def test_vovnet_osa_blocks_keep_each_layer_output_once(monkeypatch):
   plain chain (autodiff kept both) by more than stage 2's five layer outputs; gradients
   equal up to float rounding (the identity blocks' input cotangent is summed in another
   order: three terms)."""
-  from centermask_jax.models import layers as L
   from centermask_jax.models import vovnet as V
   hw = (128, 160)
   m = V.VoVNet("V-39-eSE")
