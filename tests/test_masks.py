@@ -172,20 +172,20 @@ def test_rle_matches_single_mask_encoding(seed):
     assert rles[k]["counts"] == single["counts"].decode("utf-8")
 
 
-def test_tiled_paste_equals_paste_and_compiles_once_per_k(compiles):
+def test_tiled_paste_equals_paste_and_compiles_once(compiles):
   """paste_masks_tiled == paste_masks pixel for pixel (boxes across tile borders, partly
-  outside the image, tiny, empty; thresholds 0.5 and 0.3) for several image sizes, with a
-  single compilation of the tile function for all of them."""
+  outside the image, tiny, empty; thresholds 0.5 and 0.3) for several image sizes and
+  detection counts, with a single compilation of the tile function for all of them."""
   r = np.random.RandomState(7)
-  k, m = 6, 28
-  probs = r.rand(k, m, m).astype(np.float32)
+  m = 28
   mark = None
-  for h, w in ((300, 420), (512, 700), (97, 515), (600, 257)):
+  for (h, w), k in zip(((300, 420), (512, 700), (97, 515), (600, 257)), (6, 6, 9, 40)):
+    probs = r.rand(k, m, m).astype(np.float32)
     x0 = r.uniform(-40, w, k)
     y0 = r.uniform(-40, h, k)
     boxes = np.stack([x0, y0, x0 + r.uniform(0.5, 300, k), y0 + r.uniform(0.5, 300, k)],
                      1).astype(np.float32)
-    boxes[1] = [250.3, 240.7, 270.1, 262.9]  # across the 256-px tile corner
+    boxes[1] = [250.3, 240.7, 270.1, 262.9]  # across a tile corner (tiles of 128 px)
     boxes[2] = [5.0, 5.0, 5.0, 20.0]  # empty
     for thr in (0.5, 0.3):
       ref = np.asarray(mask_ops.paste_masks(probs, boxes, (h, w), thr))
@@ -196,6 +196,8 @@ def test_tiled_paste_equals_paste_and_compiles_once_per_k(compiles):
       rows = np.array([4, 1, 3])
       np.testing.assert_array_equal(mask_ops.paste_masks_tiled(probs, boxes, (h, w), thr,
                                                                rows=rows), ref[rows])
+    empty = mask_ops.paste_masks_tiled(probs, boxes, (h, w), thr, rows=[2])
+    assert empty.shape == (1, h, w) and not empty.any()
     assert ref[:, :, :].any()
   tiles = [n for n in compiles.since(mark) if "paste_tile" in n]
   assert len(tiles) == 1, compiles.since(mark)

@@ -31,12 +31,13 @@ def _interp_weights(lo, hi, n_out: int, m: int, start=0):
   """Box extent lo, hi [...] on one axis -> [..., n_out, m] bilinear tap weights.
 
   Row p of the result holds the weights of mask cells 0..m-1 for output pixel start + p
-  (centre start + p + 0.5; `start` an int scalar, may be traced). Empty extents (hi <= lo)
-  give finite garbage; callers mask them.
+  (centre start + p + 0.5; `start` int, a scalar or [...] like lo, may be traced). Empty
+  extents (hi <= lo) give finite garbage; callers mask them.
   """
   lo = lo[..., None]
   extent = hi[..., None] - lo
   extent = jnp.where(extent > 0, extent, jnp.ones_like(extent))
+  start = jnp.asarray(start, jnp.int32)[..., None]
   p = (jnp.arange(n_out, dtype=jnp.int32) + start).astype(jnp.float32) + 0.5
   num = p - lo
   # The barriers keep XLA from rewriting the division into a reciprocal multiply and from
@@ -55,7 +56,8 @@ def paste_mask_probs(mask_probs, boxes, out_hw: Tuple[int, int], origin=(0, 0)):
   """Soft paste: mask_probs [..., M, M], boxes [..., 4] (output pixels) -> [..., H, W] float32.
 
   Bilinear grid_sample values before thresholding (no emptiness masking). `origin`
-  (y, x) int: the output window starts at that pixel of the image (tiles; same values).
+  (y, x), ints or int arrays [...]: the output window starts at that pixel of the image
+  (tiles; same values).
   """
   h, w = out_hw
   m_h, m_w = mask_probs.shape[-2:]
@@ -105,54 +107,61 @@ def paste_masks_on_canvas(mask_probs, boxes, image_hw, canvas_hw: Tuple[int, int
                      image_hw=image_hw)
 
 
-PASTE_TILE = (256, 256)
+PASTE_TILE = (128, 128)
+PASTE_CHUNK = 32  # (row, tile) patches per device call
 
 
 @functools.partial(jax.jit, static_argnames=("tile_hw",))
-def _paste_tile(mask_probs, boxes, origin, threshold, tile_hw):
-  """[K, M, M], [K, 4], origin int32 [2] -> bool [K, th, tw]: the pixels
-  origin + [0, th) x [0, tw) of `paste_masks` (same arithmetic per pixel)."""
-  fg = paste_mask_probs(mask_probs, boxes, tile_hw, (origin[0], origin[1])) >= threshold
+def _paste_tile(mask_probs, boxes, origins, threshold, tile_hw):
+  """[P, M, M], [P, 4], origins int32 [P, 2] (y, x) -> bool [P, th, tw]: patch p holds the
+  pixels origins[p] + [0, th) x [0, tw) of `paste_masks` for its row (same arithmetic)."""
+  fg = paste_mask_probs(mask_probs, boxes, tile_hw, (origins[:, 0], origins[:, 1])) >= threshold
   return fg & box_ops.nonempty(boxes.astype(jnp.float32))[..., None, None]
 
 
 def paste_masks_tiled(mask_probs, boxes, out_hw: Tuple[int, int], threshold=0.5,
                       rows=None, tile_hw: Tuple[int, int] = PASTE_TILE) -> np.ndarray:
-  """`paste_masks` for any output size without compiling per size: mask_probs [K, M, M],
-  boxes [K, 4] (output pixels), out_hw (H, W) -> NumPy bool [R, H, W] for the row indices
-  `rows` (default all K; the device still works on all K rows, so that K alone fixes the
-  compiled shapes).
+  """`paste_masks` for any output size and detection count without compiling per size:
+  mask_probs [K, M, M], boxes [K, 4] (output pixels), out_hw (H, W) -> NumPy bool [R, H, W]
+  for the row indices `rows` (default all K).
 
-  The image is covered by fixed tiles (one compilation per K and tile size, whatever H, W);
-  only tiles near some non-empty box are computed. Elsewhere every sampled value is exactly
-  0 (a pixel more than one mask cell outside its box gets no bilinear tap), so for any
-  threshold > 0 the result equals `paste_masks` pixel for pixel.
+  The image is cut into fixed tiles; only the (row, tile) pairs where the row's box comes
+  near the tile are computed, PASTE_CHUNK pairs per call of one compiled function (whatever
+  K, H, W). Elsewhere every sampled value is exactly 0 (a pixel more than one mask cell
+  outside its box gets no bilinear tap), so for any threshold > 0 the result equals
+  `paste_masks` pixel for pixel.
   """
   if not threshold > 0:
     raise ValueError(f"paste threshold must be > 0, got {threshold}")
   h, w = int(out_hw[0]), int(out_hw[1])
+  th, tw = tile_hw
+  nty, ntx = -(-h // th), -(-w // tw)
   probs = np.asarray(mask_probs, np.float32)
   bx = np.asarray(boxes, np.float32).reshape(-1, 4)
   rows = np.arange(bx.shape[0]) if rows is None else np.asarray(rows, np.int64).reshape(-1)
-  out = np.zeros((len(rows), h, w), bool)
+  full = np.zeros((len(rows), nty, th, ntx, tw), bool)
+  out = full.reshape(len(rows), nty * th, ntx * tw)[:, :h, :w]
   b = bx[rows].astype(np.float64)
-  b = b[(b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])]
-  if not len(b):
-    return out
-  th, tw = tile_hw
   my = np.ceil((b[:, 3] - b[:, 1]) / probs.shape[-2]) + 2  # > one mask cell, in pixels
   mx = np.ceil((b[:, 2] - b[:, 0]) / probs.shape[-1]) + 2
-  y0, y1 = np.floor(b[:, 1] - my), np.ceil(b[:, 3] + my)
-  x0, x1 = np.floor(b[:, 0] - mx), np.ceil(b[:, 2] + mx)
-  probs_d, boxes_d = jnp.asarray(probs), jnp.asarray(bx)
+  ty = np.arange(nty) * th
+  tx = np.arange(ntx) * tw
+  near_y = (np.ceil(b[:, 3:4] + my[:, None]) > ty) & (np.floor(b[:, 1:2] - my[:, None]) < ty + th)
+  near_x = (np.ceil(b[:, 2:3] + mx[:, None]) > tx) & (np.floor(b[:, 0:1] - mx[:, None]) < tx + tw)
+  nonempty = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+  j, iy, ix = np.nonzero(near_y[:, :, None] & near_x[:, None, :] & nonempty[:, None, None])
+  if not len(j):
+    return out
+  n = -(-len(j) // PASTE_CHUNK) * PASTE_CHUNK  # pad to whole chunks (repeats of pair 0)
+  pick = np.concatenate([np.arange(len(j)), np.zeros(n - len(j), np.int64)])
+  src = rows[j[pick]]
+  origins = np.stack([ty[iy[pick]], tx[ix[pick]]], 1).astype(np.int32)
   thr = jnp.float32(threshold)
-  for ty in range(0, h, th):
-    near_y = (y1 > ty) & (y0 < ty + th)
-    for tx in range(0, w, tw):
-      if not (near_y & (x1 > tx) & (x0 < tx + tw)).any():
-        continue
-      tile = _paste_tile(probs_d, boxes_d, np.asarray([ty, tx], np.int32), thr, tile_hw)
-      out[:, ty:ty + th, tx:tx + tw] = np.asarray(tile)[rows, :h - ty, :w - tx]
+  patches = np.empty((n, th, tw), bool)
+  for c in range(0, n, PASTE_CHUNK):
+    s = slice(c, c + PASTE_CHUNK)
+    patches[s] = np.asarray(_paste_tile(probs[src[s]], bx[src[s]], origins[s], thr, tile_hw))
+  full[j, iy, :, ix, :] = patches[:len(j)]
   return out
 
 
