@@ -136,19 +136,22 @@ def test_dk_banded_equals_float64_tap_sums(n, h, w, ci, co, k, s, p, rows):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_dense_kxk_grads_banded_only_on_maps_with_enough_positions(monkeypatch):
-  """On CPU a 3x3 dense conv's kernel gradient is the banded scan from
-  DK_BANDED_MIN_POSITIONS output positions (N * H' * W') up, XLA's below (traced only)."""
+def test_dense_kxk_grads_banded_only_on_large_enough_maps(monkeypatch):
+  """On CPU a 3x3 dense conv's kernel gradient is the banded scan for stride 2 from
+  DK_BANDED_MIN_POSITIONS output positions (N * H' * W') up and for stride 1 from inputs of
+  DK_BANDED_MIN_BYTES_STRIDE1 up; XLA's below (traced only)."""
   monkeypatch.setattr(K, "DENSE_IMPL", {K._backend(): "dot"})
-  kern = jax.ShapeDtypeStruct((3, 3, 4, 4), jnp.float32)
 
-  def uses_scan(n, h, w):
-    x = jax.ShapeDtypeStruct((n, h, w, 4), jnp.float32)
-    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(K.conv2d(a, b, 1, 1)), 1))(x, kern)
+  def uses_scan(n, h, w, stride, c=4):
+    x = jax.ShapeDtypeStruct((n, h, w, c), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, c, 4), jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(K.conv2d(a, b, stride, 1)), 1))(x, k)
     return "scan" in str(jaxpr)
-  assert K.DK_BANDED_MIN_POSITIONS == 4096
-  assert uses_scan(1, 64, 64) and uses_scan(2, 32, 64)
-  assert not uses_scan(1, 63, 64) and not uses_scan(4, 16, 16)
+  assert K.DK_BANDED_MIN_POSITIONS == 4096 and K.DK_BANDED_MIN_BYTES_STRIDE1 == 16 << 20
+  assert uses_scan(1, 128, 128, 2) and uses_scan(2, 64, 128, 2)  # 4096 output positions
+  assert not uses_scan(1, 126, 128, 2) and not uses_scan(4, 32, 32, 2)
+  assert uses_scan(1, 256, 256, 1, c=64)  # 16 MiB of input
+  assert not uses_scan(1, 255, 256, 1, c=64) and not uses_scan(2, 64, 64, 1)
 
 
 @pytest.mark.parametrize("kind", ["depthwise", "dense"])
@@ -167,7 +170,8 @@ def test_backward_pads_wait_for_the_cotangent(kind, monkeypatch):
 
   def loss(ks, x):
     for k in ks:
-      y = K.conv2d(jnp.where(m, x, 0.0), k, 1, 1, 16 if kind == "depthwise" else 1)
+      y = K.conv2d(jnp.where(m, x, 0.0), k, 1, 1, 16 if kind == "depthwise" else 1,
+                   impl=None if kind == "depthwise" else "dot")  # the matmul gradients
       x = jax.nn.relu(K.conv2d(y, pw) if kind == "depthwise" else y)
     return jnp.sum(x * x)
 

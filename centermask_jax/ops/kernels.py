@@ -15,7 +15,11 @@ measured faster on the backend (`benchmarks/kernels.py`):
   are matmuls instead (`conv2d_dot_grad`): dK of a 1x1 conv is x^T @ g as a batch of
   row-block partial products (`_gram`), dK of a k x k conv is im2col(x)^T @ g over bands
   of two output rows in a `lax.scan` (`_dk_banded`: 0.21 s on that shape, its memory one
-  band; maps under DK_BANDED_MIN_POSITIONS output positions keep XLA's gradients);
+  band; maps under DK_BANDED_MIN_POSITIONS output positions keep XLA's gradients). Since
+  XLA:CPU runs its own convolutions rather than YNNPACK's (`xla_flags`), its kernel gradient
+  of a stride-1 conv is the faster one (2x108x100x128: 70 vs 85 ms with the forward; 50
+  RoIs at 14x14x128: 27 vs 37 ms) but keeps about twice its input in temporaries, so
+  stride-1 convs take `_dk_banded` only from DK_BANDED_MIN_BYTES_STRIDE1 of input up;
   dx = g @ K^T for 1x1 stride 1, XLA's transposed conv for other stride-1 kernels, else
   g @ K[i, j]^T placed on the strided tap grid.
 * 1x1 dense convs, forward: on CPU the matmul x[:, ::s, ::s] @ K (`_dot_conv_fwd`), 3-4x
@@ -54,6 +58,10 @@ DK_BAND_ROWS = 2
 # small maps both take about a millisecond and the scan only adds compile time (tests' tiny
 # canvases, P6/P7)
 DK_BANDED_MIN_POSITIONS = 4096
+# stride-1 k x k dense convs take the matmul gradients only from inputs of this many bytes
+# up: below, XLA's kernel gradient (with XLA's own convolutions, `xla_flags`) is faster, but
+# it needs about twice its input in temporaries, which on larger maps raises the step's peak
+DK_BANDED_MIN_BYTES_STRIDE1 = 16 << 20
 
 
 def _backend() -> str:
@@ -374,7 +382,9 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
     if impl is None:
       impl = DENSE_IMPL.get(_backend(), "lax")
       ho, wo = _out_hw(x, kernel, stride, pad)
-      if kernel.shape[0] * kernel.shape[1] > 1 and x.shape[0] * ho * wo < DK_BANDED_MIN_POSITIONS:
+      if kernel.shape[0] * kernel.shape[1] > 1 and (
+          x.shape[0] * ho * wo < DK_BANDED_MIN_POSITIONS
+          or (stride == 1 and x.size * x.dtype.itemsize < DK_BANDED_MIN_BYTES_STRIDE1)):
         impl = "lax"
     if impl == "dot":
       return conv2d_dot_grad(x, kernel, stride, pad)
