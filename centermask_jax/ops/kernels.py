@@ -311,7 +311,9 @@ def _dot_grad_bwd(stride, pad, res, g):
     dx = jnp.einsum("nhwd,cd->nhwc", g, kernel[0, 0], preferred_element_type=acc)
     dx = dx.astype(x.dtype)
   elif stride == 1:
-    dx = jax.vjp(lambda a: lax_conv2d(a, kernel, 1, pad), x)[1](g)[0]
+    # the transpose of the conv in x alone (jax.vjp would also trace the forward conv,
+    # dead code that XLA drops but FLOP counts of the jaxpr see)
+    dx = jax.linear_transpose(lambda a: lax_conv2d(a, kernel, 1, pad), x)(g)[0]
   else:
     hp, wp = xp.shape[1:3]
     dxp = None
