@@ -119,6 +119,17 @@ def _paste_tile(mask_probs, boxes, origins, threshold, tile_hw):
   return fg & box_ops.nonempty(boxes.astype(jnp.float32))[..., None, None]
 
 
+def _near_tiles(lo, hi, m: int, tile: int, count: int):
+  """Box extents lo, hi [R] (float64, pixels) on one axis, mask size m, `count` tiles of
+  `tile` px -> (tile starts [count], bool [R, count]: the tile meets the extent widened by
+  more than one mask cell, outside which no pixel gets a bilinear tap)."""
+  margin = np.ceil((hi - lo) / m) + 2
+  starts = np.arange(count) * tile
+  near = ((np.ceil(hi + margin)[:, None] > starts)
+          & (np.floor(lo - margin)[:, None] < starts + tile))
+  return starts, near
+
+
 def paste_masks_tiled(mask_probs, boxes, out_hw: Tuple[int, int], threshold=0.5,
                       rows=None, tile_hw: Tuple[int, int] = PASTE_TILE) -> np.ndarray:
   """`paste_masks` for any output size and detection count without compiling per size:
@@ -142,12 +153,8 @@ def paste_masks_tiled(mask_probs, boxes, out_hw: Tuple[int, int], threshold=0.5,
   full = np.zeros((len(rows), nty, th, ntx, tw), bool)
   out = full.reshape(len(rows), nty * th, ntx * tw)[:, :h, :w]
   b = bx[rows].astype(np.float64)
-  my = np.ceil((b[:, 3] - b[:, 1]) / probs.shape[-2]) + 2  # > one mask cell, in pixels
-  mx = np.ceil((b[:, 2] - b[:, 0]) / probs.shape[-1]) + 2
-  ty = np.arange(nty) * th
-  tx = np.arange(ntx) * tw
-  near_y = (np.ceil(b[:, 3:4] + my[:, None]) > ty) & (np.floor(b[:, 1:2] - my[:, None]) < ty + th)
-  near_x = (np.ceil(b[:, 2:3] + mx[:, None]) > tx) & (np.floor(b[:, 0:1] - mx[:, None]) < tx + tw)
+  ty, near_y = _near_tiles(b[:, 1], b[:, 3], probs.shape[-2], th, nty)
+  tx, near_x = _near_tiles(b[:, 0], b[:, 2], probs.shape[-1], tw, ntx)
   nonempty = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
   j, iy, ix = np.nonzero(near_y[:, :, None] & near_x[:, None, :] & nonempty[:, None, None])
   if not len(j):
