@@ -215,6 +215,34 @@ def test_jit_does_not_recompile():
   assert _roi_align_jit._cache_size() == n0
 
 
+def test_skip_empty_levels_gives_the_same_pooling():
+  """Inference's skip_empty_levels (a level no RoI is assigned to is not pooled) returns
+  exactly what pooling every level returns: with a level empty (all RoIs on P3, P5 full of
+  NaN, which the skip never reads and the select never keeps) and with all levels used,
+  one compilation for both."""
+  rng = np.random.default_rng(8)
+  traces = []
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def pool(feats_list, boxes, levels, skip):
+    traces.append(skip)
+    return ra.multilevel_roi_align(feats_list, boxes, levels, PADDED_HW, strides=(8, 16, 32),
+                                   skip_empty_levels=skip)
+
+  feats = [rng.normal(size=(2, 16, 16, 4)).astype(F32),
+           rng.normal(size=(2, 8, 8, 4)).astype(F32),
+           np.full((2, 4, 4, 4), np.nan, F32)]
+  boxes = _boxes(rng)
+  mixed = rng.integers(0, 3, boxes.shape[:2]).astype(np.int32)
+  assert set(mixed.ravel()) == {0, 1, 2}
+  for levels in (np.zeros_like(mixed), np.where(mixed == 2, 1, mixed), mixed):
+    want = np.asarray(pool(feats, boxes, levels, False))
+    got = np.asarray(pool(feats, boxes, levels, True))
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(got).all() == (2 not in levels)
+  assert traces == [False, True]
+
+
 def test_assign_levels_rule():
   """Ratio rule on hand-computed area ratios (incl. exact boundaries and zero area)."""
   hw = np.array([[600, 800]], np.int32)

@@ -125,14 +125,15 @@ class CenterMask:
     feats = [fpn_feats[k] for k in ("p3", "p4", "p5", "p6", "p7")]
     return self.fcos_head.apply(sub_variables(variables, FCOS_HEAD), feats, padded_hw)
 
-  def pool_rois(self, fpn_feats, boxes, image_hw, padded_hw):
-    """RoIAlign on P3..P5 by the ratio rule: boxes [N, R, 4] -> (pooled [N, R, S, S, C], levels)."""
+  def pool_rois(self, fpn_feats, boxes, image_hw, padded_hw, skip_empty_levels: bool = False):
+    """RoIAlign on P3..P5 by the ratio rule: boxes [N, R, 4] -> (pooled [N, R, S, S, C], levels).
+    skip_empty_levels: see `roi_align.multilevel_roi_align` (inference sets it)."""
     mh = self.config.model.mask_head
     levels = roi_align.assign_levels(boxes, image_hw, mh.level_k_min, mh.level_k_max)
     pooled = roi_align.multilevel_roi_align(
         [fpn_feats["p3"], fpn_feats["p4"], fpn_feats["p5"]], boxes, levels, padded_hw,
         strides=self.strides[:3], output_size=mh.pooler_resolution,
-        sampling_ratio=mh.sampling_ratio)
+        sampling_ratio=mh.sampling_ratio, skip_empty_levels=skip_empty_levels)
     return pooled, levels
 
   def mask_logits(self, variables, pooled, capture: bool = False, classes=None):
@@ -192,7 +193,8 @@ class CenterMask:
   def mask_branch(self, variables, fpn_feats, boxes, classes, scores, image_hw, padded_hw,
                   capture: bool = False):
     """Mask + MaskIoU heads on given boxes [N, R, 4] with classes/scores [N, R]."""
-    pooled, levels = self.pool_rois(fpn_feats, boxes, image_hw, padded_hw)
+    pooled, levels = self.pool_rois(fpn_feats, boxes, image_hw, padded_hw,
+                                    skip_empty_levels=True)
     if capture:  # every class's logits are a compared stage
       logits, inter = self.mask_logits(variables, pooled, capture=True)
       cls_logits = postprocess.select_class_masks(logits, classes)
