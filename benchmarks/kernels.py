@@ -191,12 +191,49 @@ def bench_dense_grad(iters):
     print("  ".join(row), flush=True)
 
 
+# (label, N, H, W, Cin, Cout): the convs `conv2d_narrow` takes at the reference's sizes
+NARROW = [
+    ("lite bbox_pred P3", 2, 108, 100, 128, 4),
+    ("lite ctrness P3", 2, 108, 100, 128, 1),
+    ("lite bbox_pred P4", 2, 54, 50, 128, 4),
+    ("v39 bbox_pred P3", 2, 140, 136, 256, 4),
+    ("v39 ctrness P3", 2, 140, 136, 256, 1),
+]
+
+
+def bench_narrow(iters):
+  """3x3 stride-1 convs to few channels: XLA's conv vs `conv2d_narrow`, forward and
+  forward + backward."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from centermask_jax.ops import kernels as K
+  rng = np.random.default_rng(0)
+  for label, n, h, w, ci, co in NARROW:
+    x = jnp.asarray(rng.normal(size=(n, h, w, ci)), jnp.float32)
+    kern = jnp.asarray(rng.normal(size=(3, 3, ci, co)) / np.sqrt(9 * ci), jnp.float32)
+    row = [f"{label:20s} {n}x{h}x{w}x{ci}->{co}"]
+    ref = None
+    for impl in ("lax", "narrow"):
+      f = jax.jit(lambda x, kk, impl=impl: K.conv2d(x, kk, 1, 1, impl=impl))
+      g = jax.jit(jax.grad(lambda x, kk, impl=impl: jnp.sum(jnp.tanh(
+          K.conv2d(x, kk, 1, 1, impl=impl))), (0, 1)))
+      out = (f(x, kern),) + tuple(g(x, kern))
+      ref = out if ref is None else ref
+      err = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(out, ref))
+      (wf, cf), (wg, cg) = bench(f, (x, kern), iters), bench(g, (x, kern), iters)
+      row.append(f"{impl} fwd {wf:.4f}/{cf:.4f} fwd+bwd {wg:.4f}/{cg:.4f}"
+                 + (f" (rel err {err:.1e})" if impl != "lax" else ""))
+    print("  ".join(row), flush=True)
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--grad", action="store_true")
-  ap.add_argument("--only", choices=("depthwise", "dk", "nms", "deconv", "bn", "dense"),
+  ap.add_argument("--only", choices=("depthwise", "dk", "nms", "deconv", "bn", "dense",
+                                     "narrow"),
                   help="run one section")
   args = ap.parse_args()
   sys.path.insert(0, REPO)
@@ -214,6 +251,8 @@ def main():
     bench_bn_fold(args.iters)
   if args.only in (None, "dense"):
     bench_dense_grad(args.iters)
+  if args.only in (None, "narrow"):
+    bench_narrow(args.iters)
   if args.only in (None, "dk"):
     bench_depthwise_dk(args.iters)
   if args.only not in (None, "depthwise"):

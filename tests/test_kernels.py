@@ -144,7 +144,7 @@ def test_dense_kxk_grads_banded_only_on_large_enough_maps(monkeypatch):
 
   def uses_scan(n, h, w, stride, c=4):
     x = jax.ShapeDtypeStruct((n, h, w, c), jnp.float32)
-    k = jax.ShapeDtypeStruct((3, 3, c, 4), jnp.float32)
+    k = jax.ShapeDtypeStruct((3, 3, c, 8), jnp.float32)  # wider than `conv2d_narrow`'s
     jaxpr = jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(K.conv2d(a, b, stride, 1)), 1))(x, k)
     return "scan" in str(jaxpr)
   assert K.DK_BANDED_MIN_POSITIONS == 4096 and K.DK_BANDED_MIN_BYTES_STRIDE1 == 16 << 20
@@ -152,6 +152,61 @@ def test_dense_kxk_grads_banded_only_on_large_enough_maps(monkeypatch):
   assert not uses_scan(1, 126, 128, 2) and not uses_scan(4, 32, 32, 2)
   assert uses_scan(1, 256, 256, 1, c=64)  # 16 MiB of input
   assert not uses_scan(1, 255, 256, 1, c=64) and not uses_scan(2, 64, 64, 1)
+
+
+# (N, H, W, Cin, Cout, k, pad): FCOS's 3x3 p1 to 4 and 1 channels, no padding, 5x5 p2, odd sizes
+NARROW = [(2, 9, 12, 5, 4, 3, 1), (1, 11, 7, 6, 1, 3, 1), (1, 9, 8, 4, 3, 3, 0),
+          (1, 8, 9, 6, 1, 5, 2)]
+
+
+@functools.partial(jax.jit, static_argnums=(3,))
+def _narrow_and_grads(x, kern, g, p):
+  """conv2d_narrow's output and its gradients w.r.t. input and kernel of sum(y * g)."""
+  y, vjp = jax.vjp(lambda a, b: K.conv2d(a, b, 1, p, impl="narrow"), x, kern)
+  return (y,) + vjp(g)
+
+
+@pytest.mark.parametrize("n,h,w,ci,co,k,p", NARROW)
+def test_narrow_conv_equals_float64_conv_and_its_gradients(n, h, w, ci, co, k, p):
+  """`conv2d_narrow` (one matmul by all taps, then shifted sums; dK as one matmul with the
+  shifted output gradient) == the float64 conv and its kernel gradient (sums of taps over
+  N, H', W') up to float32 rounding; dx is XLA's transposed conv, as autodiff of lax's."""
+  x, kern = _rand((n, h, w, ci), 21), _rand((k, k, ci, co), 22)
+  ho, wo = h + 2 * p - k + 1, w + 2 * p - k + 1
+  g = _rand((n, ho, wo, co), 23)
+  y, gx, gk = _narrow_and_grads(x, kern, g, p)
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (p, p), (p, p), (0, 0)))
+  k64, g64 = np.asarray(kern, np.float64), np.asarray(g, np.float64)
+  taps = [(i, j) for i in range(k) for j in range(k)]
+  want_y = sum(np.einsum("nhwc,cd->nhwd", xp[:, i:i + ho, j:j + wo], k64[i, j]) for i, j in taps)
+  want_k = np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + ho, j:j + wo], g64)
+                     for i, j in taps]).reshape(k, k, ci, co)
+  assert y.shape == want_y.shape and y.dtype == jnp.float32 and gk.dtype == jnp.float32
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6 * np.abs(want_y).max())
+  np.testing.assert_allclose(gk, want_k, rtol=1e-5, atol=1e-6 * np.abs(want_k).max())
+  _, lax_vjp = jax.vjp(lambda a: K.lax_conv2d(a, kern, 1, p), x)
+  np.testing.assert_array_equal(gx, lax_vjp(g)[0])
+
+
+def test_narrow_conv_only_for_few_output_channels_on_large_enough_maps(monkeypatch):
+  """With the matmul gradients (CPU), a stride-1 k x k dense conv with kh*kw*Cout <=
+  NARROW_MAX_COLS takes `conv2d_narrow` from DK_BANDED_MIN_POSITIONS output positions up;
+  wider, strided or smaller convs do not (traced only)."""
+  monkeypatch.setattr(K, "DENSE_IMPL", {K._backend(): "dot"})
+
+  def narrow(n, h, w, co, stride=1, k=3):
+    x = jax.ShapeDtypeStruct((n, h, w, 16), jnp.float32)
+    kern = jax.ShapeDtypeStruct((k, k, 16, co), jnp.float32)
+    return "conv2d_narrow" in str(jax.make_jaxpr(
+        lambda a, b: K.conv2d(a, b, stride, k // 2))(x, kern))
+  assert K.NARROW_MAX_COLS == 48
+  assert narrow(2, 64, 32, 4) and narrow(1, 64, 64, 1) and narrow(1, 64, 64, 5)
+  assert not narrow(1, 64, 64, 6) and not narrow(1, 64, 64, 4, stride=2)
+  assert not narrow(1, 64, 63, 4)  # 4032 output positions
+  assert not narrow(2, 64, 32, 2, k=5)  # 50 columns
+  assert not narrow(1, 64, 64, 1, k=1)
+  monkeypatch.setattr(K, "DENSE_IMPL", {})
+  assert not narrow(2, 64, 32, 4)
 
 
 @pytest.mark.parametrize("kind", ["depthwise", "dense"])

@@ -22,6 +22,13 @@ measured faster on the backend (`benchmarks/kernels.py`):
   stride-1 convs take `_dk_banded` only from DK_BANDED_MIN_BYTES_STRIDE1 of input up;
   dx = g @ K^T for 1x1 stride 1, XLA's transposed conv for other stride-1 kernels, else
   g @ K[i, j]^T placed on the strided tap grid.
+* narrow stride-1 k x k dense convs (kh * kw * C_out <= NARROW_MAX_COLS: FCOS's bbox_pred
+  and ctrness) on CPU (`conv2d_narrow`): XLA:CPU's conv and above all its kernel gradient
+  run such shapes at 2-30 GFLOP/s (2x108x100x128 -> 4: forward 6.5 ms, dK 27 ms). The
+  forward is one matmul of the padded input by all taps' kernels ([C, kh*kw*C_out]) and a
+  sum of kh*kw shifted slices of that product (2.0 ms); dK is one matmul of the padded
+  input by the output gradient placed at each tap's offset (`_dk_shifted_g`, 7 ms); dx
+  stays XLA's transposed conv (2 ms).
 * 1x1 dense convs, forward: on CPU the matmul x[:, ::s, ::s] @ K (`_dot_conv_fwd`), 3-4x
   faster than XLA:CPU's 1x1 conv (equal up to float summation order).
 * a depthwise conv then a 1x1 conv (`depthwise_pointwise`, VoVNet's slim-DW layer): on CPU
@@ -54,14 +61,19 @@ DENSE_IMPL = {"cpu": "dot"}
 # output rows per band of `_dk_banded` (1-3 measured within noise of each other on CPU, 8+
 # slower: the band's im2col should stay in cache)
 DK_BAND_ROWS = 2
-# k x k dense convs with fewer output positions (N * H' * W') keep XLA's gradients: on such
-# small maps both take about a millisecond and the scan only adds compile time (tests' tiny
-# canvases, P6/P7)
+# k x k dense convs with fewer output positions (N * H' * W') keep XLA's conv and gradients:
+# on such small maps either takes about a millisecond and the rewrites only add compile time
+# (tests' tiny canvases, P5-P7)
 DK_BANDED_MIN_POSITIONS = 4096
 # stride-1 k x k dense convs take the matmul gradients only from inputs of this many bytes
 # up: below, XLA's kernel gradient (with XLA's own convolutions, `xla_flags`) is faster, but
 # it needs about twice its input in temporaries, which on larger maps raises the step's peak
 DK_BANDED_MIN_BYTES_STRIDE1 = 16 << 20
+# stride-1 k x k dense convs with at most this many kernel columns (kh * kw * C_out) take
+# `conv2d_narrow` under DENSE_IMPL "dot" (3x3 convs to 1 or 4 channels measured 1.3-3x
+# faster forward, 3-4x faster kernel gradient; to 16 channels the forward is slower on large
+# maps: 2x140x136x128 22 vs 10 ms)
+NARROW_MAX_COLS = 48
 
 
 def _backend() -> str:
@@ -331,6 +343,63 @@ def _dot_grad_bwd(stride, pad, res, g):
 conv2d_dot_grad.defvjp(_dot_grad_fwd, _dot_grad_bwd)
 
 
+def _narrow_fwd(x, kernel, pad: int):
+  """`conv2d_narrow`'s forward: y = sum over taps (i, j) of P[:, i:i+H', j:j+W', tap],
+  P = xp @ K as [N, Hp, Wp, kh*kw, Cout] (one matmul reads the input once)."""
+  kh, kw, c, d = kernel.shape
+  ho, wo = _out_hw(x, kernel, 1, pad)
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  n, hp, wp, _ = xp.shape
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  k = kernel.astype(x.dtype).transpose(2, 0, 1, 3).reshape(c, kh * kw * d)
+  prod = jnp.einsum("nhwc,ce->nhwe", xp, k, preferred_element_type=acc)
+  prod = prod.reshape(n, hp, wp, kh * kw, d)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      t = jax.lax.slice(prod, (0, i, j, i * kw + j, 0), (n, i + ho, j + wo, i * kw + j + 1, d))
+      y = t if y is None else y + t
+  return y.reshape(n, ho, wo, d).astype(x.dtype)
+
+
+def _dk_shifted_g(xp, g, kh: int, kw: int, acc):
+  """Kernel gradient of a stride-1 k x k conv with few output channels: xp [N, Hp, Wp, C]
+  (padded input), g [N, H', W', D] -> [kh, kw, C, D] in dtype `acc`, as one product
+  xp^T G, G [N, Hp, Wp, kh*kw*D] = g placed at each tap's offset (zeros around)."""
+  hp, wp, c = xp.shape[1:]
+  ho, wo, d = g.shape[1:]
+  gs = jnp.concatenate([jnp.pad(g, ((0, 0), (i, hp - ho - i), (j, wp - wo - j), (0, 0)))
+                        for i in range(kh) for j in range(kw)], axis=-1)
+  dk = _gram(xp, gs, acc)  # [C, kh*kw*D]
+  return dk.reshape(c, kh, kw, d).transpose(1, 2, 0, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv2d_narrow(x, kernel, pad: int = 0):
+  """Stride-1 dense conv with few output channels: x [N, H, W, Cin], kernel [kh, kw, Cin,
+  Cout] -> [N, H + 2 pad - kh + 1, W + 2 pad - kw + 1, Cout], equal to `lax_conv2d(x,
+  kernel, 1, pad)` up to float summation order (per tap over Cin, then over the taps).
+  Forward `_narrow_fwd`, dK `_dk_shifted_g`, dx XLA's transposed conv."""
+  return _narrow_fwd(x, kernel, pad)
+
+
+def _narrow_vjp_fwd(x, kernel, pad):
+  return _narrow_fwd(x, kernel, pad), (x, kernel)
+
+
+def _narrow_vjp_bwd(pad, res, g):
+  x, kernel = res
+  kh, kw = kernel.shape[:2]
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  xp = jnp.pad(numerics.after(x, g), ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  dk = _dk_shifted_g(xp, g.astype(x.dtype), kh, kw, acc).astype(kernel.dtype)
+  dx = jax.linear_transpose(lambda a: lax_conv2d(a, kernel, 1, pad), x)(g)[0]
+  return dx, dk
+
+
+conv2d_narrow.defvjp(_narrow_vjp_fwd, _narrow_vjp_bwd)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _dw_pw(x, kdw, kpw, stride, pad):
   return _dw_pw_fwd(x, kdw, kpw, stride, pad)[0]
@@ -372,7 +441,7 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
 
   impl: None = the backend's choice; "lax" forces XLA's conv (and its gradients),
   "shifted" the depthwise rewrite (depthwise only), "dot" the matmul gradients (groups 1;
-  for 1x1 without padding the forward too).
+  for 1x1 without padding the forward too), "narrow" `conv2d_narrow` (groups 1, stride 1).
   """
   cin, cout = x.shape[-1], kernel.shape[-1]
   depthwise = groups > 1 and groups == cin == cout
@@ -384,10 +453,17 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
     if impl is None:
       impl = DENSE_IMPL.get(_backend(), "lax")
       ho, wo = _out_hw(x, kernel, stride, pad)
-      if kernel.shape[0] * kernel.shape[1] > 1 and (
-          x.shape[0] * ho * wo < DK_BANDED_MIN_POSITIONS
-          or (stride == 1 and x.size * x.dtype.itemsize < DK_BANDED_MIN_BYTES_STRIDE1)):
+      taps = kernel.shape[0] * kernel.shape[1]
+      if taps > 1 and x.shape[0] * ho * wo < DK_BANDED_MIN_POSITIONS:
+        impl = "lax"
+      elif impl == "dot" and stride == 1 and taps > 1 and taps * cout <= NARROW_MAX_COLS:
+        impl = "narrow"
+      elif taps > 1 and stride == 1 and x.size * x.dtype.itemsize < DK_BANDED_MIN_BYTES_STRIDE1:
         impl = "lax"
     if impl == "dot":
       return conv2d_dot_grad(x, kernel, stride, pad)
+    if impl == "narrow":
+      if stride != 1:
+        raise ValueError(f"impl 'narrow' needs stride 1, got {stride}")
+      return conv2d_narrow(x, kernel, pad)
   return lax_conv2d(x, kernel, stride, pad, groups)
