@@ -188,6 +188,22 @@ def test_narrow_conv_equals_float64_conv_and_its_gradients(n, h, w, ci, co, k, p
   np.testing.assert_array_equal(gx, lax_vjp(g)[0])
 
 
+def test_narrow_conv_in_bfloat16_keeps_the_dtypes():
+  """bf16 compute (train.compute_dtype): output and input gradient in bf16, the kernel
+  gradient in the kernel's float32, each close to the float32 result at bf16 precision."""
+  x, kern = _rand((1, 11, 7, 6), 24), _rand((3, 3, 6, 4), 25)
+  g = _rand((1, 11, 7, 4), 26)
+  y32, gx32, gk32 = _narrow_and_grads(x, kern, g, 1)
+  f = jax.jit(lambda a, b, c: jax.vjp(
+      lambda a, b: K.conv2d(a, b.astype(jnp.bfloat16), 1, 1, impl="narrow"), a, b)[1](c))
+  y = K.conv2d(x.astype(jnp.bfloat16), kern.astype(jnp.bfloat16), 1, 1, impl="narrow")
+  gx, gk = f(x.astype(jnp.bfloat16), kern, g.astype(jnp.bfloat16))
+  assert (y.dtype, gx.dtype, gk.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+  for got, want in ((y, y32), (gx, gx32), (gk, gk32)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=0.05,
+                               atol=0.02 * float(jnp.abs(want).max()))
+
+
 def test_narrow_conv_only_for_few_output_channels_on_large_enough_maps(monkeypatch):
   """With the matmul gradients (CPU), a stride-1 k x k dense conv with kh*kw*Cout <=
   NARROW_MAX_COLS takes `conv2d_narrow` from DK_BANDED_MIN_POSITIONS output positions up;
