@@ -1,7 +1,7 @@
 """Top XLA ops by time for inference (`predict`) or the training step, from jax.profiler.
 
   python benchmarks/profile_ops.py --model mv2 [--what predict|train] [--batch 2] [--iters 3]
-      [--top 30] [--by op|source] [--canvas HxW]
+      [--top 30] [--by op|source|kind|census] [--canvas HxW]
 
 Same models, weights, images and padded shapes as `vs_reference.py` (b1 = img1, b2 = both
 images). The jitted function runs `--iters` times under `jax.profiler`; every executed
@@ -10,6 +10,10 @@ and mapped to its HLO instruction in the compiled module: opcode, output shape a
 JAX source op (`metadata op_name`). `--by source` groups by that op_name path with the
 numbers stripped (e.g. all depthwise convs of one module kind) instead of per instruction.
 Times are per call (sum / iters); "%" is of the summed op time, not wall time.
+`--by census` instead re-times every distinct convolution and dot instruction of the
+compiled program alone (fresh inputs of its shapes, its window / dimension numbers, min of
+--iters calls) and prints its count, time and GFLOP/s: the ops that run far below the
+machine's rate, free of the profiler's asynchronous-thunk upper bounds.
 """
 import argparse
 import bisect
@@ -119,6 +123,99 @@ def self_times(prof, idx, iters):
   return tot, ((t1 - t0) / 1e9 / iters if t0 is not None else 0.0)
 
 
+def _census_ops(text):
+  """-> Counter of (kind, lhs shape, rhs shape, out shape, attributes) over the compiled
+  HLO's convolution and dot instructions, and {key: JAX op_name} of one instance each."""
+  shapes = {}
+  for line in text.splitlines():
+    m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = \w+\[([\d,]*)\]", line)
+    if m:
+      shapes[m.group(1)] = tuple(int(v) for v in m.group(2).split(",") if v)
+  pat = re.compile(r"= \w+\[([\d,]*)\]\S* (convolution|dot)\(%?([\w.\-]+), %?([\w.\-]+)\), (.*)$")
+  ops, names = collections.Counter(), {}
+  for line in text.splitlines():
+    m = pat.search(line)
+    if not m:
+      continue
+    rest = m.group(5)
+    if m.group(2) == "convolution":
+      attrs = tuple(re.search(k + r"=(\{[^}]*\}|[^,\s]+)", rest) for k in
+                    ("window", "dim_labels", "feature_group_count", "batch_group_count"))
+    else:
+      attrs = tuple(re.search(k + r"=(\{[^}]*\})", rest) for k in
+                    ("lhs_contracting_dims", "rhs_contracting_dims", "lhs_batch_dims",
+                     "rhs_batch_dims"))
+    key = (m.group(2), shapes[m.group(3)], shapes[m.group(4)],
+           tuple(int(v) for v in m.group(1).split(",") if v),
+           tuple(a.group(1) if a else "" for a in attrs))
+    ops[key] += 1
+    src = re.search(r'op_name="([^"]*)"', rest)
+    names.setdefault(key, src.group(1) if src else "")
+  return ops, names
+
+
+def _census_fn(key):
+  """The jitted lax op of a census key and its FLOPs (2 x multiply-adds)."""
+  import jax
+  import numpy as np
+  kind, ls, rs, out, attrs = key
+  ints = lambda t: tuple(int(v) for v in re.findall(r"\d+", t))
+  if kind == "dot":
+    lc, rc, lb, rb = (ints(a) for a in attrs)
+    fn = jax.jit(lambda a, b: jax.lax.dot_general(a, b, ((lc, rc), (lb, rb))))
+    return fn, 2 * int(np.prod(out)) * int(np.prod([ls[i] for i in lc]))
+  window, labels, fgc, bgc = attrs
+  nd = len(ls) - 2
+  win = dict(size=[1] * nd, stride=[1] * nd, pad=[(0, 0)] * nd, lhs_dilate=[1] * nd,
+             rhs_dilate=[1] * nd)
+  for tok in window.strip("{}").split():
+    k, v = tok.split("=")
+    win[k] = ([tuple(int(t) for t in p.split("_")) for p in v.split("x")] if k == "pad"
+              else [int(t) for t in v.split("x")])
+  lhs, rest = labels.split("_", 1)
+  rhs, res = rest.split("->")
+  to_lhs = lambda l: l.replace("b", "N").replace("f", "C").replace("0", "H").replace("1", "W")
+  dn = (to_lhs(lhs), rhs.replace("o", "O").replace("i", "I").replace("0", "H").replace("1", "W"),
+        to_lhs(res))
+  fg, bg = int(fgc or 1), int(bgc or 1)
+  fn = jax.jit(lambda a, b: jax.lax.conv_general_dilated(
+      a, b, win["stride"], win["pad"], win["lhs_dilate"], win["rhs_dilate"], dn, fg, bg))
+  # per output: the window's taps times the input features each output sums over
+  per_out = int(np.prod(win["size"])) * (ls[lhs.index("b")] // bg if bg > 1
+                                         else ls[lhs.index("f")] // fg)
+  return fn, 2 * int(np.prod(out)) * per_out
+
+
+def census(text, iters, top):
+  """Print every distinct convolution / dot of the compiled HLO re-timed alone."""
+  import time
+  import jax
+  import jax.numpy as jnp
+  ops, names = _census_ops(text)
+  rows = []
+  for key, count in ops.items():
+    fn, flops = _census_fn(key)
+    a, b = jnp.ones(key[1], jnp.float32), jnp.ones(key[2], jnp.float32)
+    jax.block_until_ready(fn(a, b))
+    best = float("inf")
+    for _ in range(max(iters, 1)):
+      t = time.perf_counter()
+      jax.block_until_ready(fn(a, b))
+      best = min(best, time.perf_counter() - t)
+    rows.append((best * count, best, flops / best / 1e9, count, key, names[key]))
+  rows.sort(key=lambda r: -r[0])
+  for kind in ("convolution", "dot"):
+    sel = [r for r in rows if r[4][0] == kind]
+    print(f"{kind}: {sum(r[3] for r in sel)} instructions ({len(sel)} distinct), "
+          f"{sum(r[0] for r in sel):.3f} s alone per call")
+  print("  total ms  count   each ms  GFLOP/s  op  lhs  rhs  out  attributes  JAX op")
+  for total, each, rate, count, key, name in rows[:top]:
+    kind, ls, rs, out, attrs = key
+    print(f"{1e3 * total:10.2f} {count:6d} {1e3 * each:9.2f} {rate:8.1f}  {kind[:4]} "
+          f"{list(ls)} {list(rs)} {list(out)} {' '.join(a for a in attrs if a)}  "
+          f"{name[-70:]}")
+
+
 def op_kind(idx, text, name):
   """Coarse class of a thunk: conv forward / input-grad / kernel-grad (by shapes), dot,
   transpose/copy fusions, other loop fusions, ... (for --by kind)."""
@@ -145,7 +242,7 @@ def main():
   ap.add_argument("--batch", type=int, default=2, choices=(1, 2))
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--top", type=int, default=30)
-  ap.add_argument("--by", default="op", choices=("op", "source", "kind"))
+  ap.add_argument("--by", default="op", choices=("op", "source", "kind", "census"))
   ap.add_argument("--fg-slots", type=int, default=None,
                   help="train: foreground slots per image of the mask branch (default all; "
                        "the trainer picks the bucket holding the real count, e.g. 32 for "
@@ -218,6 +315,8 @@ def main():
     fargs = (state, batch, jax.random.PRNGKey(0))
   compiled = fn.lower(*fargs).compile()
   text = compiled.as_text()
+  if args.by == "census":
+    return census(text, args.iters, args.top)
   jax.block_until_ready(compiled(*fargs))
   tmp = tempfile.mkdtemp(prefix="cm_prof_")
   with open(os.path.join(tmp, "hlo.txt"), "w") as f:
@@ -234,6 +333,8 @@ def report(args, tmp, padded):
   from jax.profiler import ProfileData
   with open(os.path.join(tmp, "hlo.txt")) as f:
     text = f.read()
+  if args.by == "census":
+    return census(text, args.iters, args.top)
   idx = hlo_index(text)
   pb = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[0]
   prof = ProfileData.from_file(pb)
