@@ -111,6 +111,18 @@ def _out_hw(x, kernel, stride: int, pad: int):
   return tuple((x.shape[1 + a] + 2 * pad - kernel.shape[a]) // stride + 1 for a in (0, 1))
 
 
+def _pad_hw(x, pad: int):
+  """x [N, H, W, C] with `pad` zeros on each side of H and W (x itself when pad is 0)."""
+  return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+
+
+def _lax_conv_dx(x, kernel, pad: int, g):
+  """Input gradient of the stride-1 `lax_conv2d(x, kernel, 1, pad)` for cotangent g: the
+  transpose of the conv in x alone (jax.vjp would also trace the forward conv, dead code that
+  XLA drops but FLOP counts of the jaxpr see)."""
+  return jax.linear_transpose(lambda a: lax_conv2d(a, kernel, 1, pad), x)(g)[0]
+
+
 def _tap(xp, i, j, stride, ho, wo):
   """Strided slice of the padded input seen by kernel tap (i, j): [N, ho, wo, C]."""
   n, _, _, c = xp.shape
@@ -149,7 +161,7 @@ def _depthwise_fwd(x, kernel, stride, pad):
   c = x.shape[-1]
   kh, kw = kernel.shape[:2]
   ho, wo = _out_hw(x, kernel, stride, pad)
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  xp = _pad_hw(x, pad)
   k = kernel.reshape(kh, kw, c).astype(x.dtype)
   return _shifted_macs(xp, k, stride, ho, wo), (x, kernel)
 
@@ -169,7 +181,7 @@ def _depthwise_bwd(stride, pad, res, g):
   kf = kernel.reshape(kh, kw, c)[::-1, ::-1].astype(x.dtype)
   dx = _shifted_macs(gp, kf, 1, h, w)
   # a pad of its own (not merged with the forward's, which would then live until here)
-  xp = jnp.pad(numerics.after(x, g), ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  xp = _pad_hw(numerics.after(x, g), pad) if pad else x
   dk = _depthwise_dk(xp, g, stride, kh, kw).reshape(kernel.shape).astype(kernel.dtype)
   return dx, dk
 
@@ -310,7 +322,7 @@ def _dot_grad_bwd(stride, pad, res, g):
   ho, wo = g.shape[1:3]
   # padded when g is known: computed from the saved x alone, XLA scheduled every layer's
   # padded copy early and kept them all alive through the backward
-  xp = jnp.pad(numerics.after(x, g), ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  xp = _pad_hw(numerics.after(x, g), pad) if pad else x
   acc = jnp.promote_types(x.dtype, jnp.float32)
   if kh == kw == 1:
     # read by two matmuls through different views: made once, not once per view
@@ -323,9 +335,7 @@ def _dot_grad_bwd(stride, pad, res, g):
     dx = jnp.einsum("nhwd,cd->nhwc", g, kernel[0, 0], preferred_element_type=acc)
     dx = dx.astype(x.dtype)
   elif stride == 1:
-    # the transpose of the conv in x alone (jax.vjp would also trace the forward conv,
-    # dead code that XLA drops but FLOP counts of the jaxpr see)
-    dx = jax.linear_transpose(lambda a: lax_conv2d(a, kernel, 1, pad), x)(g)[0]
+    dx = _lax_conv_dx(x, kernel, pad, g)
   else:
     hp, wp = xp.shape[1:3]
     dxp = None
@@ -348,7 +358,7 @@ def _narrow_fwd(x, kernel, pad: int):
   P = xp @ K as [N, Hp, Wp, kh*kw, Cout] (one matmul reads the input once)."""
   kh, kw, c, d = kernel.shape
   ho, wo = _out_hw(x, kernel, 1, pad)
-  xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  xp = _pad_hw(x, pad)
   n, hp, wp, _ = xp.shape
   acc = jnp.promote_types(x.dtype, jnp.float32)
   k = kernel.astype(x.dtype).transpose(2, 0, 1, 3).reshape(c, kh * kw * d)
@@ -391,10 +401,9 @@ def _narrow_vjp_bwd(pad, res, g):
   x, kernel = res
   kh, kw = kernel.shape[:2]
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  xp = jnp.pad(numerics.after(x, g), ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
+  xp = _pad_hw(numerics.after(x, g), pad) if pad else x
   dk = _dk_shifted_g(xp, g.astype(x.dtype), kh, kw, acc).astype(kernel.dtype)
-  dx = jax.linear_transpose(lambda a: lax_conv2d(a, kernel, 1, pad), x)(g)[0]
-  return dx, dk
+  return _lax_conv_dx(x, kernel, pad, g), dk
 
 
 conv2d_narrow.defvjp(_narrow_vjp_fwd, _narrow_vjp_bwd)
@@ -454,12 +463,13 @@ def conv2d(x, kernel, stride: int = 1, pad: int = 0, groups: int = 1,
       impl = DENSE_IMPL.get(_backend(), "lax")
       ho, wo = _out_hw(x, kernel, stride, pad)
       taps = kernel.shape[0] * kernel.shape[1]
-      if taps > 1 and x.shape[0] * ho * wo < DK_BANDED_MIN_POSITIONS:
-        impl = "lax"
-      elif impl == "dot" and stride == 1 and taps > 1 and taps * cout <= NARROW_MAX_COLS:
-        impl = "narrow"
-      elif taps > 1 and stride == 1 and x.size * x.dtype.itemsize < DK_BANDED_MIN_BYTES_STRIDE1:
-        impl = "lax"
+      if taps > 1:
+        if x.shape[0] * ho * wo < DK_BANDED_MIN_POSITIONS:
+          impl = "lax"
+        elif impl == "dot" and stride == 1 and taps * cout <= NARROW_MAX_COLS:
+          impl = "narrow"
+        elif stride == 1 and x.size * x.dtype.itemsize < DK_BANDED_MIN_BYTES_STRIDE1:
+          impl = "lax"
     if impl == "dot":
       return conv2d_dot_grad(x, kernel, stride, pad)
     if impl == "narrow":
