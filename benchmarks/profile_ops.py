@@ -127,10 +127,10 @@ def _census_ops(text):
   """-> Counter of (kind, lhs shape, rhs shape, out shape, attributes) over the compiled
   HLO's convolution and dot instructions, and {key: JAX op_name} of one instance each."""
   shapes = {}
-  for line in text.splitlines():
-    m = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = \w+\[([\d,]*)\]", line)
+  for name, (_, shape, _, _) in hlo_index(text).items():
+    m = re.match(r"\w+\[([\d,]*)\]", shape)
     if m:
-      shapes[m.group(1)] = tuple(int(v) for v in m.group(2).split(",") if v)
+      shapes[name] = tuple(int(v) for v in m.group(1).split(",") if v)
   pat = re.compile(r"= \w+\[([\d,]*)\]\S* (convolution|dot)\(%?([\w.\-]+), %?([\w.\-]+)\), (.*)$")
   ops, names = collections.Counter(), {}
   for line in text.splitlines():
