@@ -98,22 +98,22 @@ def test_eval_writes_loadable_results_each_image_once(four_dev, data):
     assert saved[t]["AP"] == pytest.approx(metrics[t]["AP"])
 
 
-def test_one_device_equals_four(four_dev, data, variables, tmp_path):
+def test_two_devices_equal_four(four_dev, data, variables, tmp_path):
+  """The same images on 2 devices (landscape group: 2 full batches; portrait: 1 image and 1
+  dummy) as on 4 (1 batch; 1 image and 3 dummies): every result is identical, scores,
+  boxes and mask RLEs bit for bit (the per-device programs are the same). Not 1 device:
+  XLA compiles a 1-device program without its SPMD partitioner passes, which rewrite some
+  arithmetic (divides) differently, and this random model's MaskIoU head turns those 1-ulp
+  differences into up to 1.1e-4 relative in a mask score (seen on an AMD EPYC host)."""
   cfg = _config(**{"model.fcos.inference_th": 0.005})
   metrics = evaluator_lib.run_evaluation(cfg, variables, str(data), NAME, str(tmp_path),
-                                         devices=jax.local_devices()[:1], progress=False,
+                                         devices=jax.local_devices()[:2], progress=False,
                                          verbose=False)
-  key = lambda r: (r["image_id"], -r["score"], r["category_id"])
+  key = lambda r: (r["image_id"], -r["score"], r["category_id"], r.get("bbox"))
   for a, b in zip(_results(four_dev[0]), _results(tmp_path)):
-    a, b = sorted(a, key=key), sorted(b, key=key)
-    assert len(a) == len(b)
-    for ra, rb in zip(a, b):
-      assert ra["image_id"] == rb["image_id"] and ra["category_id"] == rb["category_id"]
-      assert ra["score"] == pytest.approx(rb["score"], rel=1e-4, abs=1e-6)
-      if "bbox" in ra:
-        np.testing.assert_allclose(ra["bbox"], rb["bbox"], rtol=1e-4, atol=1e-3)
-  for t in ("bbox", "segm"):
-    assert metrics[t]["AP"] == pytest.approx(four_dev[1][t]["AP"], abs=1e-6)
+    assert len(a) == len(b) > 0
+    assert sorted(a, key=key) == sorted(b, key=key)
+  np.testing.assert_equal(metrics, four_dev[1])  # NaN where COCOeval has no GT of an area
 
 
 @pytest.fixture(scope="module")
