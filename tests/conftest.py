@@ -240,8 +240,10 @@ def _reset_peak():
 def pytest_runtest_protocol(item, nextitem):
   """With CENTERMASK_TEST_RSS_LOG=DIR: one line per test to DIR/rss.<pid>.tsv (nodeid, wall s,
   process CPU s, RSS after, peak RSS during the test (set-up and tear-down included), peak
-  RSS of the largest finished subprocess so far; KiB; start time, Unix s), to find which
-  tests set the suite's time and memory peaks. Off by default."""
+  RSS of the largest finished subprocess so far; KiB; start time, Unix s; then the test's
+  XLA compiles in this process: count, persistent-cache hits, seconds compiled, and the
+  slowest as name:seconds, h for a hit), to find which tests set the suite's time and memory
+  peaks and which programs compile in more than one place. Off by default."""
   log_dir = os.environ.get("CENTERMASK_TEST_RSS_LOG")
   if not log_dir:
     yield
@@ -250,12 +252,17 @@ def pytest_runtest_protocol(item, nextitem):
   import time
   _reset_peak()
   start = time.time()
+  mark = len(Compiles.names)
   t0, c0 = time.perf_counter(), time.process_time()
   yield
   kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  made = list(zip(Compiles.names[mark:], Compiles.seconds[mark:], Compiles.hits[mark:]))
+  slow = sorted(made, key=lambda x: -x[1])[:4]
   with open(os.path.join(log_dir, f"rss.{os.getpid()}.tsv"), "a") as f:
     f.write(f"{item.nodeid}\t{time.perf_counter() - t0:.1f}\t{time.process_time() - c0:.1f}"
-            f"\t{_rss_kib()}\t{_peak_kib()}\t{kids}\t{start:.1f}\n")
+            f"\t{_rss_kib()}\t{_peak_kib()}\t{kids}\t{start:.1f}\t{len(made)}"
+            f"\t{sum(h for *_, h in made)}\t{sum(t for _, t, h in made if not h):.1f}\t"
+            + " ".join(f"{n}:{t:.0f}{'h' if h else ''}" for n, t, h in slow) + "\n")
 
 
 def _drop_programs():

