@@ -137,13 +137,21 @@ def _small_flags(**over):
   return [f"--config.{k}={v!r}" for k, v in {**SMALL, **over}.items()]
 
 
-def test_eval_cli_zero_detections_give_ap_zero(data, checkpoint, tmp_path, capsys):
-  """eval.py on a model that detects nothing (class threshold 1.1): empty results, AP 0."""
+def test_eval_cli_zero_detections_give_ap_zero(data, variables, tmp_path, capsys):
+  """eval.py on a model that detects nothing (its class logits' bias at -1e4: every class
+  probability 0, under the 0.005 threshold): empty results, AP 0. The flags of `four_dev`:
+  its programs, from the run's compilation cache."""
   import eval as eval_cli
+  from centermask_jax.checkpoints import io
+  silent = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.full_like(x, -1e4) if "cls_logits" in jax.tree_util.keystr(path)
+      and jax.tree_util.keystr(path).endswith("['bias']") else x, variables)
+  ckpt = tmp_path / "silent"
+  io.save_variables(str(ckpt), silent, _config(), classes=classes.coco())
   out = tmp_path / "ev"
-  rc = eval_cli.main(["--config", CONFIG, "--checkpoint", str(checkpoint), "--workdir",
+  rc = eval_cli.main(["--config", CONFIG, "--checkpoint", str(ckpt), "--workdir",
                       str(out), "--data_dir", str(data), "--dataset", NAME, "--no_progress"]
-                     + _small_flags(**{"model.fcos.inference_th": 1.1}))
+                     + _small_flags(**{"model.fcos.inference_th": 0.005}))
   assert rc == 0
   assert _results(out) == ([], [])
   saved = json.loads((out / "metrics.json").read_text())

@@ -60,6 +60,9 @@ def test_value_count_and_keys_match_listing(path):
 # their keys and counts are checked above on every run; their forward (a full compile
 # each) only with CENTERMASK_JAX_SLOW_TESTS=1, to keep CI within its budget.
 TWINS = {"centermask_V_57_eSE_FPN_ms_3x", "centermask_V_99_eSE_FPN_ms_3x",  # of V-39
+         # of V-39, with the deformable stages 3-5 that test_dcn_models runs (forward on two
+         # canvases, a training step, the official import) on a small DCN VoVNet
+         "centermask_V_39_eSE_dcn_FPN_ms_3x",
          "centermask_V_57_eSE_dcn_FPN_ms_3x", "centermask_V_99_eSE_dcn_FPN_ms_3x",
          "centermask_R_101_FPN_ms_3x",  # of R-50
          # of R-50; its ResNeXt blocks against torch in test_backbones_resnet_mobilenet
