@@ -116,6 +116,14 @@ def _pad_hw(x, pad: int):
   return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else x
 
 
+def _pad_hw_after(x, g, pad: int):
+  """The backward's padded copy of the saved input x, made only once the cotangent g exists
+  (`numerics.after`): padded from x alone, XLA scheduled every layer's copy early and kept
+  them all alive through the backward; nor is the forward's pad reused, which would then
+  live until here. x itself when pad is 0."""
+  return _pad_hw(numerics.after(x, g), pad) if pad else x
+
+
 def _lax_conv_dx(x, kernel, pad: int, g):
   """Input gradient of the stride-1 `lax_conv2d(x, kernel, 1, pad)` for cotangent g: the
   transpose of the conv in x alone (jax.vjp would also trace the forward conv, dead code that
@@ -180,8 +188,7 @@ def _depthwise_bwd(stride, pad, res, g):
                     (lo_w, w + pad - (wo - 1) * stride - 1, stride - 1), (0, 0, 0)))
   kf = kernel.reshape(kh, kw, c)[::-1, ::-1].astype(x.dtype)
   dx = _shifted_macs(gp, kf, 1, h, w)
-  # a pad of its own (not merged with the forward's, which would then live until here)
-  xp = _pad_hw(numerics.after(x, g), pad) if pad else x
+  xp = _pad_hw_after(x, g, pad)
   dk = _depthwise_dk(xp, g, stride, kh, kw).reshape(kernel.shape).astype(kernel.dtype)
   return dx, dk
 
@@ -320,9 +327,7 @@ def _dot_grad_bwd(stride, pad, res, g):
   n, h, w, cin = x.shape
   kh, kw, _, cout = kernel.shape
   ho, wo = g.shape[1:3]
-  # padded when g is known: computed from the saved x alone, XLA scheduled every layer's
-  # padded copy early and kept them all alive through the backward
-  xp = _pad_hw(numerics.after(x, g), pad) if pad else x
+  xp = _pad_hw_after(x, g, pad)
   acc = jnp.promote_types(x.dtype, jnp.float32)
   if kh == kw == 1:
     # read by two matmuls through different views: made once, not once per view
@@ -401,7 +406,7 @@ def _narrow_vjp_bwd(pad, res, g):
   x, kernel = res
   kh, kw = kernel.shape[:2]
   acc = jnp.promote_types(x.dtype, jnp.float32)
-  xp = _pad_hw(numerics.after(x, g), pad) if pad else x
+  xp = _pad_hw_after(x, g, pad)
   dk = _dk_shifted_g(xp, g.astype(x.dtype), kh, kw, acc).astype(kernel.dtype)
   return _lax_conv_dx(x, kernel, pad, g), dk
 
