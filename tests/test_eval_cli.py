@@ -143,9 +143,11 @@ def test_eval_cli_zero_detections_give_ap_zero(data, variables, tmp_path, capsys
   its programs, from the run's compilation cache."""
   import eval as eval_cli
   from centermask_jax.checkpoints import io
-  silent = jax.tree_util.tree_map_with_path(
-      lambda path, x: np.full_like(x, -1e4) if "cls_logits" in jax.tree_util.keystr(path)
-      and jax.tree_util.keystr(path).endswith("['bias']") else x, variables)
+
+  def silence(path, x):
+    key = jax.tree_util.keystr(path)
+    return np.full_like(x, -1e4) if "cls_logits" in key and key.endswith("['bias']") else x
+  silent = jax.tree_util.tree_map_with_path(silence, variables)
   ckpt = tmp_path / "silent"
   io.save_variables(str(ckpt), silent, _config(), classes=classes.coco())
   out = tmp_path / "ev"
